@@ -1,0 +1,1 @@
+"""CoProV2 data: the taxonomy of harmful concepts, prompt writers and the dataset builder."""

@@ -1,0 +1,1 @@
+"""Evaluation: inappropriate probability, FID, CLIPScore and the benchmark runner."""

@@ -1,0 +1,1 @@
+"""Inference: SafetyAdapterMixin and the safe Stable Diffusion pipelines."""

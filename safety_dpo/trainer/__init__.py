@@ -1,0 +1,1 @@
+"""Safety experts: SafetyDPOConfig, SafetyDPOTrainer and the Diffusion-DPO losses."""

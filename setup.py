@@ -1,0 +1,54 @@
+"""Install safety_dpo.
+
+`torch` carries an ordinary lower bound here. On a CPU-only machine install the CPU build first
+(`pip install torch==2.13.0`, see the README); pip then keeps it, because it satisfies the bound.
+"""
+
+from setuptools import find_packages, setup
+
+install_requires = [
+    "torch>=2.1",
+    "diffusers>=0.32",
+    "transformers>=4.46",
+    "peft>=0.13",
+    "trl>=0.12",
+    "datasets>=3.0",
+    "huggingface_hub>=0.26",
+    "accelerate>=1.0",
+    "safetensors>=0.4",
+    "evaluate>=0.4",
+    "numpy>=1.24",
+    "Pillow>=10.0",
+    "PyYAML>=6.0",
+    "Jinja2>=3.1",
+    "tqdm>=4.66",
+]
+
+extras = {
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "tensorboard>=2.15"],
+    # Detectors and metrics for real models. torch-fidelity/torchvision (Inception FID) are left to
+    # the `fid-inception` extra because they pull a CUDA build of torch on CPU-only machines.
+    "eval": ["nudenet>=3.4", "torchmetrics>=1.4", "matplotlib>=3.8"],
+    "fid-inception": ["torchmetrics[image]>=1.4"],
+    "llm": ["openai>=1.40"],
+}
+
+setup(
+    name="safety_dpo",
+    version="0.1.0.dev0",
+    description="SafetyDPO: safety alignment of text-to-image diffusion models with Diffusion-DPO experts and Co-Merge",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["safety_dpo", "safety_dpo.*"]) + ["safety_dpo.hub_cards"],
+    package_dir={"safety_dpo.hub_cards": "hub_cards"},
+    package_data={
+        "safety_dpo.hub_cards": ["*.md"],
+        "safety_dpo.microworld": ["assets/**/*", "assets/*"],
+    },
+    include_package_data=True,
+    install_requires=install_requires,
+    extras_require=extras,
+    entry_points={"console_scripts": ["safety-dpo=safety_dpo.cli:main"]},
+)
