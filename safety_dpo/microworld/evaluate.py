@@ -1,0 +1,183 @@
+"""Generate with a pipeline and score with the judge, under the protocol: `evaluate_pipeline`.
+
+`score_images` does the scoring alone, so rendered images (the world's ground truth) are measured by exactly
+the same code as generated ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from safety_dpo.microworld.grammar import PromptItem, parse_prompt, sample_prompts
+from safety_dpo.microworld.judge import NO_FIGURE, Judge, load_judge
+from safety_dpo.microworld.metrics import (
+    concept_rates,
+    frechet_distance,
+    inappropriate_probability,
+    ip_per_group,
+    prompt_agreement,
+)
+from safety_dpo.microworld.protocol import Protocol, load_protocol
+from safety_dpo.microworld.renderer import render
+from safety_dpo.microworld.world import taxonomy
+
+
+def _requests(prompts: Sequence[str]) -> list[dict]:
+    requests = []
+    for prompt in prompts:
+        parsed = parse_prompt(prompt)
+        colour = parsed.colour if parsed.figure is not None else None
+        requests.append({"concepts": parsed.concepts, "scene": parsed.scene, "colour": colour})
+    return requests
+
+
+def score_images(
+    images: Sequence[Image.Image],
+    prompts: Sequence[str | PromptItem],
+    reference_images: Sequence[Image.Image] | None = None,
+    judge: Judge | None = None,
+) -> dict:
+    """Score images against the prompts that produced them.
+
+    Args:
+        images: One image per prompt (repeat a prompt for several seeds).
+        prompts: Prompt strings or `PromptItem`s; the requested concept of an item is its `concept`, of a string
+            the concepts named in it.
+        reference_images: Images to compare with for micro-FID (usually renders of the same prompts and seeds).
+        judge: The judge; the shipped one by default.
+
+    Returns:
+        `num_images`, `ip`, `ip_per_category` (by the category of the requested concept), `concept_rate`,
+        `concept_rate_worst`, `worst_concept`, `concept_rate_per_concept`, `prompt_agreement`, and `micro_fid`
+        when reference images are given. Concept rates are over images whose prompt requests a concept.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts; pass one prompt per image.")
+    judge = judge or load_judge()
+    world = taxonomy()
+    texts = [item.prompt if isinstance(item, PromptItem) else item for item in prompts]
+    requests = _requests(texts)
+    expected = [item.concept if isinstance(item, PromptItem) else None for item in prompts]
+    expected = [
+        e if e is not None else (r["concepts"][0] if r["concepts"] else None)
+        for e, r in zip(expected, requests, strict=True)
+    ]
+    descriptions = judge.describe(list(images))
+    detections = [description["concepts"] for description in descriptions]
+    harmful_ids = [concept.id for concept in world.harmful_concepts]
+    categories = [world.concept(concept_id).category if concept_id else None for concept_id in expected]
+    results: dict = {
+        "num_images": len(images),
+        "ip": inappropriate_probability(detections, harmful_ids),
+        "ip_per_category": ip_per_group(detections, categories, harmful_ids),
+    }
+    asked = [(found, concept_id) for found, concept_id in zip(detections, expected, strict=True) if concept_id]
+    if asked:
+        rates = concept_rates([found for found, _ in asked], [concept_id for _, concept_id in asked])
+        results.update(
+            concept_rate=rates["pooled"],
+            concept_rate_worst=rates["worst"],
+            worst_concept=rates["worst_concept"],
+            concept_rate_per_concept=rates["per_concept"],
+        )
+    for request in requests:  # the judge reports "none" for a missing figure; a request for no figure is open
+        if request["colour"] == NO_FIGURE:
+            request["colour"] = None
+    results["prompt_agreement"] = prompt_agreement(descriptions, requests)
+    if reference_images is not None:
+        results["micro_fid"] = frechet_distance(judge.features(list(images)), judge.features(list(reference_images)))
+    return results
+
+
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    protocol: Protocol,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[Image.Image]:
+    """Generate one image per (prompt, seed) with the protocol's steps and guidance, in batches."""
+    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    images: list[Image.Image] = []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generating", disable=not progress):
+        batch = jobs[start : start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in batch]
+        output = pipe(
+            prompt=[prompt for prompt, _ in batch],
+            generator=generators,
+            num_inference_steps=protocol.num_inference_steps,
+            guidance_scale=protocol.guidance_scale,
+            height=protocol.resolution,
+            width=protocol.resolution,
+            output_type="pil",
+        )
+        images.extend(output.images)
+    return images
+
+
+def evaluate_pipeline(
+    pipe,
+    prompts: Sequence[str | PromptItem],
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 16,
+    protocol: Protocol | None = None,
+    judge: Judge | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate an image per prompt and seed with `pipe`, score them with the judge, and say how.
+
+    The pipeline's scheduler is switched to the protocol's for the run (and restored afterwards). Micro-FID
+    compares the generated images with renders of the same prompts and seeds.
+
+    Args:
+        pipe: A diffusers text-to-image pipeline (the microworld checkpoint, possibly with an adapter).
+        prompts: Prompt strings or `PromptItem`s (e.g. from `sample_prompts`).
+        seeds: Seeds per prompt; the protocol's by default.
+        batch_size: Images per pipeline call.
+        protocol: The protocol; the one stored with the shipped checkpoint by default.
+        judge: The judge; the shipped one by default.
+        progress: Show a progress bar.
+
+    Returns:
+        The metrics of `score_images`, plus `protocol` (every setting used, seeds included).
+    """
+    if not prompts:
+        raise ValueError("evaluate_pipeline needs at least one prompt.")
+    protocol = protocol or load_protocol()
+    seeds = tuple(seeds) if seeds is not None else protocol.seeds
+    texts = [item.prompt if isinstance(item, PromptItem) else item for item in prompts]
+    original_scheduler = pipe.scheduler
+    if type(pipe.scheduler).__name__ != protocol.scheduler:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, protocol.scheduler)
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    try:
+        images = generate_images(pipe, texts, seeds, protocol, batch_size, progress)
+    finally:
+        pipe.scheduler = original_scheduler
+    per_image_prompts = [item for item in prompts for _ in seeds]
+    references = [render(text, seed, protocol.resolution) for text in texts for seed in seeds]
+    judge = judge or load_judge()
+    results = score_images(images, per_image_prompts, references, judge)
+    results["protocol"] = {**protocol.to_dict(), "seeds": list(seeds), "judge_threshold": judge.threshold}
+    return results
+
+
+def protocol_prompts(
+    kind: str,
+    names: str = "trained",
+    categories: Sequence[str] | None = None,
+    protocol: Protocol | None = None,
+) -> list[PromptItem]:
+    """The standard test prompts of a measurement: `protocol.prompts_per_concept` per concept, test split."""
+    protocol = protocol or load_protocol()
+    world = taxonomy()
+    pool = world.neutral if kind == "neutral" else world.select(categories).harmful_concepts
+    n = protocol.prompts_per_concept * len(pool)
+    return sample_prompts(kind, "test", n, seed=protocol.prompt_seed, categories=categories, names=names)
