@@ -1,0 +1,182 @@
+"""Seeded tiny Stable Diffusion 1.x and SDXL components, built in code as diffusers' `get_dummy_components()`.
+
+The models have random weights and a few thousand parameters; they exist so pipelines, trainers and loaders can
+run end to end on a CPU in well under a second. The tokenizer is the project's own fixture
+(`tests/fixtures/tokenizer/`, made by `tests/fixtures/make_tokenizer.py`), so nothing is downloaded.
+
+Images are 32 x 32: the UNet works on 16 x 16 latents and the two-block VAE upsamples by 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
+LATENT_SIZE = 16
+IMAGE_SIZE = 32  # LATENT_SIZE times the VAE's scale factor, 2 ** (len(block_out_channels) - 1)
+TEXT_HIDDEN_SIZE = 32  # SD's cross_attention_dim, and SDXL's first text encoder
+TEXT_HIDDEN_SIZE_2 = 48  # SDXL's second text encoder; unlike the first so that mixing them up fails loudly
+TEXT_PROJECTION_DIM_2 = 24  # SDXL's pooled prompt embedding
+ADDITION_TIME_EMBED_DIM = 8
+NUM_ADD_TIME_IDS = 6  # SDXL micro-conditioning: original size, crop top-left, target size, two numbers each
+
+
+def load_fixture_tokenizer() -> CLIPTokenizer:
+    """Load the project's word-level CLIP tokenizer from `tests/fixtures/tokenizer/`."""
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def get_dummy_sd_components(seed: int = 0) -> dict:
+    """Return the components of a tiny `StableDiffusionPipeline`, every model seeded with `seed`.
+
+    Args:
+        seed: The seed set with `torch.manual_seed` before each model is built.
+
+    Returns:
+        The keyword arguments of `StableDiffusionPipeline(**components)`.
+    """
+    tokenizer = load_fixture_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_HIDDEN_SIZE))
+    return {
+        "unet": unet,
+        "scheduler": DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        "vae": _tiny_vae(seed),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def get_dummy_sdxl_components(seed: int = 0) -> dict:
+    """Return the components of a tiny `StableDiffusionXLPipeline`, every model seeded with `seed`.
+
+    The UNet's sizes follow from the text encoders as in SDXL: it cross-attends to both encoders' hidden states
+    side by side, and its `text_time` embedding takes the second encoder's pooled projection plus six
+    micro-conditioning numbers of `ADDITION_TIME_EMBED_DIM` features each.
+
+    Args:
+        seed: The seed set with `torch.manual_seed` before each model is built.
+
+    Returns:
+        The keyword arguments of `StableDiffusionXLPipeline(**components)`.
+    """
+    tokenizer = load_fixture_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=TEXT_HIDDEN_SIZE + TEXT_HIDDEN_SIZE_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=NUM_ADD_TIME_IDS * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_DIM_2,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(_text_config(tokenizer, TEXT_HIDDEN_SIZE, hidden_act="gelu"))
+    torch.manual_seed(seed)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(tokenizer, TEXT_HIDDEN_SIZE_2, hidden_act="gelu", projection_dim=TEXT_PROJECTION_DIM_2)
+    )
+    return {
+        "unet": unet,
+        "scheduler": EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        "vae": _tiny_vae(seed),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": load_fixture_tokenizer(),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+def get_dummy_inputs(seed: int = 0) -> dict:
+    """Return `__call__` arguments for either tiny pipeline: two steps, a seeded CPU generator, a NumPy image.
+
+    Args:
+        seed: The seed of the generator that draws the initial latents.
+
+    Returns:
+        Keyword arguments for `pipeline(**inputs)`; the output images have shape (1, 32, 32, 3).
+    """
+    return {
+        "prompt": "a painting of a squirrel eating a burger",
+        "generator": torch.Generator(device="cpu").manual_seed(seed),
+        "num_inference_steps": 2,
+        "guidance_scale": 6.0,
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "output_type": "np",
+    }
+
+
+def _text_config(tokenizer: CLIPTokenizer, hidden_size: int, **overrides: object) -> CLIPTextConfig:
+    """Return a two-layer CLIP text encoder config whose vocabulary and special ids are the tokenizer's."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        layer_norm_eps=1e-05,
+        **overrides,
+    )
+
+
+def _tiny_vae(seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=2,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+    )
