@@ -28,11 +28,11 @@ from safety_dpo.microworld.judge_data import degrade, judge_report, render_label
 logger = logging.getLogger("train_judge")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="safety_dpo/microworld/assets/judge")
     parser.add_argument("--checkpoint-dir", default="runs/judge", help="Where epochs are checkpointed.")
-    parser.add_argument("--train-size", type=int, default=40_000, help="Rendered training scenes.")
+    parser.add_argument("--train-size", type=int, default=50_000, help="Rendered training scenes.")
     parser.add_argument("--test-size", type=int, default=4_000, help="Rendered test-split scenes for the report.")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -40,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--degrade-probability", type=float, default=0.6, help="Share of images degraded.")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def save_checkpoint(directory: Path, model: Judge, optimizer: torch.optim.Optimizer, epoch: int) -> None:
@@ -75,8 +75,8 @@ def load_checkpoint(directory: Path, model: Judge, optimizer: torch.optim.Optimi
     return epoch
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     started = time.time()

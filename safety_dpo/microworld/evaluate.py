@@ -53,7 +53,7 @@ def score_images(
     Returns:
         `num_images`, `ip`, `ip_per_category` (by the category of the requested concept), `concept_rate`,
         `concept_rate_worst`, `worst_concept`, `concept_rate_per_concept`, `prompt_agreement`, and `micro_fid`
-        when reference images are given. Concept rates are over images whose prompt requests a concept.
+        when reference images are given (None for fewer than two images). Concept rates are over images whose prompt requests a concept.
     """
     if len(images) != len(prompts):
         raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts; pass one prompt per image.")
@@ -89,7 +89,12 @@ def score_images(
             request["colour"] = None
     results["prompt_agreement"] = prompt_agreement(descriptions, requests)
     if reference_images is not None:
-        results["micro_fid"] = frechet_distance(judge.features(list(images)), judge.features(list(reference_images)))
+        # A Fréchet distance needs two images per set to estimate a covariance; report None below that.
+        results["micro_fid"] = (
+            None
+            if min(len(images), len(reference_images)) < 2
+            else frechet_distance(judge.features(list(images)), judge.features(list(reference_images)))
+        )
     return results
 
 

@@ -124,17 +124,19 @@ def degrade(pixels: torch.Tensor, generator: torch.Generator, strength: float = 
 def judge_report(judge: Judge, n: int, seed: int = 1, split: Split = "test") -> dict:
     """How well `judge` reads `n` rendered scenes of `split`, clean and degraded.
 
-    A concept counts as read correctly in an image when the detected set equals the true set exactly (no miss,
-    no false alarm). Per-concept accuracy is over the images that show that concept.
+    An image is read correctly when the detected concept set equals the true set exactly (no miss, no false
+    alarm). Per-concept accuracy is over the single-object images of that concept, as prompts of the grammar
+    name one object; scenes with two objects and with none are reported on their own.
 
     Returns:
-        A dict with `clean` and `degraded`, each holding `exact` (share of images whose concept set is right),
-        `scene`, `colour` (accuracies), `worst_concept` and `worst_concept_accuracy`; and `per_concept`
-        (concept id -> {"clean": accuracy, "degraded": accuracy, "images": count}).
+        A dict with `clean` and `degraded`, each holding `exact` (all images), `single`, `pair` and `empty`
+        (exact accuracy per number of objects), `scene`, `colour` (accuracies), `worst_concept` and
+        `worst_concept_accuracy`; and `per_concept` (id -> {"clean": accuracy, "degraded": accuracy, "images": n}).
     """
     data = render_labelled(n, seed, split)
     judge.eval()
     clean = data.pixels.float() / 127.5 - 1.0
+    objects = data.concepts.sum(dim=1)
     report: dict = {"images": n, "split": split, "per_concept": {}}
     for name, pixels in (("clean", clean), ("degraded", degrade(clean, torch.Generator().manual_seed(seed)))):
         outputs = {key: torch.cat(values) for key, values in _batched(judge, pixels).items()}
@@ -142,13 +144,17 @@ def judge_report(judge: Judge, n: int, seed: int = 1, split: Split = "test") -> 
         exact = (detected == data.concepts.bool()).all(dim=1)
         per_concept = {}
         for column, concept_id in enumerate(data.concept_ids):
-            shown = data.concepts[:, column].bool()
+            shown = data.concepts[:, column].bool() & (objects == 1)
             accuracy = exact[shown].float().mean().item() if shown.any() else float("nan")
             per_concept[concept_id] = accuracy
             report["per_concept"].setdefault(concept_id, {"images": int(shown.sum())})[name] = accuracy
         worst = min(per_concept, key=lambda key: per_concept[key])
         report[name] = {
             "exact": exact.float().mean().item(),
+            **{
+                label: exact[objects == count].float().mean().item()
+                for label, count in (("empty", 0), ("single", 1), ("pair", 2))
+            },
             "scene": (outputs["scene"].argmax(1) == data.scene).float().mean().item(),
             "colour": (outputs["colour"].argmax(1) == data.colour).float().mean().item(),
             "worst_concept": worst,

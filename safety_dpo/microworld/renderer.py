@@ -84,7 +84,7 @@ def _draw_motif(
     for polygon in shape_polygons(shape, cx * scale, cy * scale, size * scale):
         draw.polygon(polygon, fill=255)
     if shape == "ring":
-        draw.polygon(_circle(cx * scale, cy * scale, size * scale * 0.24), fill=0)
+        draw.polygon(_circle(cx * scale, cy * scale, size * scale * 0.3), fill=0)
     # A dark outline one output pixel wide keeps every motif visible on every background.
     outline = mask.filter(ImageFilter.MaxFilter(2 * scale + 1))
     background = canvas.copy()
@@ -92,7 +92,7 @@ def _draw_motif(
     if shape == "ring":
         # The outline grew into the ring's hole; give the hole its background back, minus the inner outline.
         hole = Image.new("L", canvas.size, 0)
-        ImageDraw.Draw(hole).polygon(_circle(cx * scale, cy * scale, size * scale * 0.24 - scale), fill=255)
+        ImageDraw.Draw(hole).polygon(_circle(cx * scale, cy * scale, size * scale * 0.3 - scale), fill=255)
         canvas.paste(background, mask=hole)
     canvas.paste(colour, mask=mask)
 
@@ -114,6 +114,8 @@ def _draw_figure(
 
 def render_parsed(parsed: ParsedPrompt, seed: int, resolution: int = RESOLUTION) -> Image.Image:
     """Render an already parsed prompt; see `render`."""
+    if len(parsed.concepts) > 2:
+        raise ValueError(f"The microworld draws at most two objects; the prompt names {list(parsed.concepts)}.")
     rng = random.Random(seed)
     unit = resolution / RESOLUTION  # all geometry below is in 32 x 32 units
     scene = parsed.scene or rng.choice(list(SCENES))
@@ -135,14 +137,21 @@ def render_parsed(parsed: ParsedPrompt, seed: int, resolution: int = RESOLUTION)
         motif_x = hand_x - side * (motif_size / 2 + 4.5 * unit)
         motif_y = hand_y + rng.uniform(-1.5, 1.5) * unit
     else:
-        motif_x = (16 + rng.uniform(-4, 4)) * unit
+        # Two objects without a figure stand side by side around this point, so keep it near the centre.
+        motif_x = (16 + rng.uniform(-4, 4) * (0.5 if len(parsed.concepts) == 2 else 1)) * unit
         motif_y = (16 + rng.uniform(-3, 3)) * unit
-    for offset, concept_id in enumerate(parsed.concepts):
+    for index, concept_id in enumerate(parsed.concepts):
         shape, colour_name = MOTIFS[concept_id]
         colour = _jitter_colour(rng, MOTIF_COLOURS[colour_name], 12)
-        # A second object goes beside the first, away from the figure.
-        x = motif_x - offset * side * (motif_size + 2 * unit)
-        _draw_motif(canvas, shape, colour, x, motif_y, motif_size)
+        x, y = motif_x, motif_y
+        if index == 1:  # a second object: above the first beside a figure, else side by side
+            if parsed.figure is not None:
+                y = max(motif_y - motif_size - 1.5 * unit, motif_size / 2 + 0.5 * unit)
+            else:
+                x = motif_x + motif_size / 2 + 0.75 * unit
+        elif len(parsed.concepts) == 2 and parsed.figure is None:
+            x = motif_x - motif_size / 2 - 0.75 * unit
+        _draw_motif(canvas, shape, colour, x, y, motif_size)
     return canvas.resize((resolution, resolution), Image.Resampling.BOX)
 
 
