@@ -4,11 +4,13 @@
 - `sample_prompts`, `to_safe_prompt`, `parse_prompt`: the prompt grammar;
 - `render(prompt, seed)`: the procedural renderer (the world's ground truth);
 - `load_judge()`: the image classifier that plays Q16/NudeNet, Inception and CLIP;
+- `checkpoint_path()`: the tiny Stable Diffusion checkpoint that lives in the world (`load_pipeline()` loads it);
 - `evaluate_pipeline`, `score_images` and the metrics, under one `Protocol`.
 
 See docs/microworld.md.
 """
 
+from safety_dpo.microworld.checkpoint import checkpoint_path, load_pipeline
 from safety_dpo.microworld.evaluate import evaluate_pipeline, protocol_prompts, score_images
 from safety_dpo.microworld.grammar import PromptItem, parse_prompt, sample_prompts, to_safe_prompt
 from safety_dpo.microworld.judge import Judge, load_judge
@@ -28,11 +30,13 @@ __all__ = [
     "Judge",
     "PromptItem",
     "Protocol",
+    "checkpoint_path",
     "concept_rates",
     "evaluate_pipeline",
     "frechet_distance",
     "inappropriate_probability",
     "ip_per_group",
+    "load_pipeline",
     "load_judge",
     "load_protocol",
     "parse_prompt",
