@@ -1,0 +1,43 @@
+"""The `safety-dpo` command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from safety_dpo import __version__
+from safety_dpo.cli import build_parser, main
+
+
+def test_help_lists_only_the_subcommands_that_exist(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "env" in capsys.readouterr().out
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    assert set(subcommands) == {"env"}
+
+
+def test_env_prints_the_versions_of_the_stack(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for package in ("torch", "diffusers", "transformers", "peft", "trl", "datasets", "huggingface_hub"):
+        assert f"- {package}: " in out
+    assert f"- safety_dpo: {__version__}" in out
+
+
+def test_no_subcommand_prints_help_and_succeeds(capsys):
+    assert main([]) == 0
+    assert "usage: safety-dpo" in capsys.readouterr().out
+
+
+def test_an_unknown_subcommand_fails_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_console_script_module_runs():
+    result = subprocess.run([sys.executable, "-m", "safety_dpo.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
