@@ -13,17 +13,16 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from safety_dpo.microworld.judge import Judge
 from safety_dpo.microworld.judge_data import degrade, judge_report, render_labelled
+from safety_dpo.microworld.training import load_optimizer, save_optimizer, write_json
 
 logger = logging.getLogger("train_judge")
 
@@ -46,18 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def save_checkpoint(directory: Path, model: Judge, optimizer: torch.optim.Optimizer, epoch: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory / "model")
-    # Optimizer moments as flat safetensors, so resuming never unpickles anything.
-    state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{key}": value.contiguous()
-        for index, values in state["state"].items()
-        for key, value in values.items()
-        if torch.is_tensor(value)
-    }
-    save_file(tensors, str(directory / "optimizer.safetensors.tmp"))
-    os.replace(directory / "optimizer.safetensors.tmp", directory / "optimizer.safetensors")
-    (directory / "progress.json.tmp").write_text(json.dumps({"epoch": epoch}))
-    os.replace(directory / "progress.json.tmp", directory / "progress.json")
+    save_optimizer(directory / "optimizer.safetensors", optimizer)
+    write_json(directory / "progress.json", {"epoch": epoch})
 
 
 def load_checkpoint(directory: Path, model: Judge, optimizer: torch.optim.Optimizer) -> int:
@@ -65,12 +54,7 @@ def load_checkpoint(directory: Path, model: Judge, optimizer: torch.optim.Optimi
         return 0
     epoch = json.loads((directory / "progress.json").read_text())["epoch"]
     model.load_state_dict(Judge.from_pretrained(directory / "model").state_dict())
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    state = optimizer.state_dict()
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state["state"].setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict(state)
+    load_optimizer(directory / "optimizer.safetensors", optimizer)
     logger.info("Resumed from %s after epoch %d.", directory, epoch)
     return epoch
 
