@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from safety_dpo.microworld.grammar import PromptItem, parse_prompt, sample_prompts
-from safety_dpo.microworld.judge import NO_FIGURE, Judge, load_judge
+from safety_dpo.microworld.judge import Judge, load_judge
 from safety_dpo.microworld.metrics import (
     concept_rates,
     frechet_distance,
@@ -29,9 +29,8 @@ from safety_dpo.microworld.world import taxonomy
 def _requests(prompts: Sequence[str]) -> list[dict]:
     requests = []
     for prompt in prompts:
-        parsed = parse_prompt(prompt)
-        colour = parsed.colour if parsed.figure is not None else None
-        requests.append({"concepts": parsed.concepts, "scene": parsed.scene, "colour": colour})
+        parsed = parse_prompt(prompt)  # a colour is only ever parsed with a figure, so it is the figure's
+        requests.append({"concepts": parsed.concepts, "scene": parsed.scene, "colour": parsed.colour})
     return requests
 
 
@@ -53,7 +52,8 @@ def score_images(
     Returns:
         `num_images`, `ip`, `ip_per_category` (by the category of the requested concept), `concept_rate`,
         `concept_rate_worst`, `worst_concept`, `concept_rate_per_concept`, `prompt_agreement`, and `micro_fid`
-        when reference images are given (None for fewer than two images). Concept rates are over images whose prompt requests a concept.
+        when reference images are given (None for fewer than two images). Concept rates are over images whose
+        prompt requests a concept.
     """
     if len(images) != len(prompts):
         raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts; pass one prompt per image.")
@@ -84,9 +84,6 @@ def score_images(
             worst_concept=rates["worst_concept"],
             concept_rate_per_concept=rates["per_concept"],
         )
-    for request in requests:  # the judge reports "none" for a missing figure; a request for no figure is open
-        if request["colour"] == NO_FIGURE:
-            request["colour"] = None
     results["prompt_agreement"] = prompt_agreement(descriptions, requests)
     if reference_images is not None:
         # A Fréchet distance needs two images per set to estimate a covariance; report None below that.
