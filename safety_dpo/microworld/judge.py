@@ -170,16 +170,12 @@ class Judge(nn.Module):
     # ------------------------------------------------------------------------------ save and load
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `judge_config.json` and `judge.safetensors` to `save_directory`, atomically each."""
-        from safetensors.torch import save_file
+        from safety_dpo.microworld.training import write_json, write_tensors
 
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        state = {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()}
-        save_file(state, str(save_directory / (JUDGE_WEIGHTS_NAME + ".tmp")))
-        os.replace(save_directory / (JUDGE_WEIGHTS_NAME + ".tmp"), save_directory / JUDGE_WEIGHTS_NAME)
-        config_tmp = save_directory / (JUDGE_CONFIG_NAME + ".tmp")
-        config_tmp.write_text(json.dumps(self.config, indent=2) + "\n")
-        os.replace(config_tmp, save_directory / JUDGE_CONFIG_NAME)
+        write_tensors(save_directory / JUDGE_WEIGHTS_NAME, self.state_dict())
+        write_json(save_directory / JUDGE_CONFIG_NAME, self.config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Judge:

@@ -49,10 +49,9 @@ class Protocol:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write `protocol.json` into `directory` (a checkpoint folder), atomically."""
-        path = Path(directory) / PROTOCOL_FILE
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(temporary, path)
+        from safety_dpo.microworld.training import write_json
+
+        write_json(Path(directory) / PROTOCOL_FILE, self.to_dict())
 
 
 def load_protocol(checkpoint_path: str | os.PathLike | None = None) -> Protocol:
