@@ -11,9 +11,11 @@ __version__ = "0.1.0.dev0"
 
 # public name -> module that defines it; a name appears here once its module exists.
 _LAZY_EXPORTS: dict[str, str] = {
+    "CoMergeConfig": ".merging.config",
     "CoProV2Builder": ".data.builder",
     "SafetyDPOConfig": ".trainer.config",
     "SafetyDPOTrainer": ".trainer.trainer",
+    "co_merge": ".merging.co_merge",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

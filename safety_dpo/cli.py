@@ -165,6 +165,93 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_train, takes_config_flags=True)
 
 
+def _comma_floats(value: str) -> list[float]:
+    try:
+        return [float(item) for item in _comma_list(value)]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from error
+
+
+_MERGE_OPTIONS = (
+    "method",
+    "granularity",
+    "inputs",
+    "calibration_dataset",
+    "num_calibration_prompts",
+    "num_timesteps",
+    "calibration_batch_size",
+    "weights",
+    "density",
+    "storage",
+    "rank",
+    "seed",
+)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    """Merge safety experts into one adapter with Co-Merge (or a baseline) and save it."""
+    from pathlib import Path
+
+    from safety_dpo.merging import CoMergeConfig, co_merge
+    from safety_dpo.trainer.adapter_io import read_metadata
+
+    settings = CoMergeConfig.from_json_file(args.config).to_dict() if args.config else {}
+    settings.update({name: getattr(args, name) for name in _MERGE_OPTIONS if getattr(args, name) is not None})
+    config = CoMergeConfig(**settings)  # a bad option fails before any work
+    existing = read_metadata(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if existing is not None and existing.get("kind") != "merged":
+        raise FileExistsError(
+            f"--output-dir {args.output_dir!r} holds a {existing.get('kind', 'safety_dpo')} adapter, not a merge; "
+            "choose another directory (a merged adapter there would replace it)."
+        )
+    merged = co_merge(args.experts, config, pipeline=args.model)
+    merged.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
+    print(f"Merged adapter written to {args.output_dir} (load it with pipe.load_lora_weights).")
+    report = merged.report
+    if "win_share" in report:
+        print(
+            "Share of the weights each expert won: "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in report["win_share"].items())
+        )
+    if "svd_relative_error" in report:
+        error = report["svd_relative_error"]
+        print(f"SVD re-factorisation, relative error per layer: mean {error['mean']:.4f}, max {error['max']:.4f}.")
+    if args.push_to_hub:
+        print(f"Pushed: {merged.push_to_hub(args.push_to_hub)}")
+    return 0
+
+
+def _add_merge(subparsers: argparse._SubParsersAction) -> None:
+    from safety_dpo.merging.config import GRANULARITIES, INPUTS, METHODS, STORAGES
+
+    parser = subparsers.add_parser(
+        "merge",
+        help="Merge safety experts into one adapter with Co-Merge (or linear/TIES/DARE).",
+        description="Merge safety experts (folders written by `safety-dpo train`, .safetensors files or Hub ids) into "
+        "one LoRA. Co-Merge gives every weight row to the expert most active on it over calibration generations of "
+        "the model (the experts' base model, or the microworld when they name none); the baselines need no model. "
+        "Options left out come from --config, then from CoMergeConfig's defaults.",
+    )
+    parser.add_argument("experts", nargs="+", metavar="EXPERT", help="Expert folder, .safetensors file or Hub id.")
+    parser.add_argument("--output-dir", required=True, help="Where the merged adapter is written.")
+    parser.add_argument("--method", choices=METHODS, help="co_merge (default) or a baseline.")
+    parser.add_argument("--granularity", choices=GRANULARITIES, help="What competes in Co-Merge (default: row).")
+    parser.add_argument("--inputs", choices=INPUTS, help="Calibration inputs of Co-Merge (default: shared).")
+    parser.add_argument("--model", help="Path or Hub id of the experts' base pipeline (default: from the experts).")
+    parser.add_argument("--calibration-dataset", help="CoProV2 folder or Hub id (default: the experts' dataset).")
+    parser.add_argument("--num-calibration-prompts", type=int, help="Calibration prompts per category.")
+    parser.add_argument("--num-timesteps", type=int, help="Denoising steps per calibration generation.")
+    parser.add_argument("--calibration-batch-size", type=int, help="Prompts per calibration generation.")
+    parser.add_argument("--weights", type=_comma_floats, help="Comma-separated weight per expert.")
+    parser.add_argument("--density", type=float, help="Share of weights kept by ties/dare/magnitude_prune.")
+    parser.add_argument("--storage", choices=STORAGES, help="exact, svd or auto (default).")
+    parser.add_argument("--rank", type=int, help="Rank of the SVD re-factorisation.")
+    parser.add_argument("--seed", type=int, help="Seed of calibration and DARE.")
+    parser.add_argument("--config", help="A CoMergeConfig JSON file (or a merged adapter's safety_dpo.json).")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the adapter to this Hub repo.")
+    parser.set_defaults(handler=_run_merge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand that exists."""
     parser = argparse.ArgumentParser(
@@ -174,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    for add_subcommand in (_add_env, _add_build_data, _add_train):
+    for add_subcommand in (_add_env, _add_build_data, _add_train, _add_merge):
         add_subcommand(subparsers)
     return parser
 

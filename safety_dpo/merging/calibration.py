@@ -1,0 +1,206 @@
+"""Activation statistics for Co-Merge: forward hooks on the layers the experts target, during calibration generations.
+
+One calibration *group* is a list of prompts, the experts that record statistics on them, and optionally one expert
+whose delta is active during the group's generations. The three `inputs` modes of `CoMergeConfig` are three ways of
+forming groups (`calibration_groups`); all recording experts of a group share its UNet passes, so the "shared" mode
+costs one generation pass however many experts there are, plus a little matrix work per expert in the hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from safety_dpo.merging.config import CoMergeConfig
+from safety_dpo.merging.experts import LoraExpert
+
+logger = logging.getLogger(__name__)
+
+# statistic -> what it is, per expert and layer: mean over recorded inputs x of ...
+STATISTICS = {
+    "input": "|x_j| (in)",
+    "hidden": "|(A_e x)_k| (r)",
+    "output": "|(dW_e x)_i| (out)",
+}
+NEEDED_STATISTICS = {"row": ("output",), "element": ("input",), "lora_factor": ("input", "hidden")}
+
+
+@dataclass
+class CalibrationGroup:
+    prompts: list[str]
+    recording: list[int]  # indices of the experts that accumulate statistics on these prompts
+    active: int | None = None  # the expert whose delta is added to the layers' outputs
+
+
+class ActivationRecorder:
+    """Forward hooks on a UNet's targeted linear layers that accumulate every recording expert's statistics and add
+    the active expert's delta to the output. Use as a context manager; the hooks are removed on exit.
+
+    Args:
+        unet: The base UNet (diffusers `UNet2DConditionModel`).
+        experts: The loaded experts; their layer names are the UNet module names.
+        statistics: Which of "input", "hidden", "output" to accumulate.
+    """
+
+    def __init__(self, unet: torch.nn.Module, experts: Sequence[LoraExpert], statistics: Sequence[str]) -> None:
+        self.experts = list(experts)
+        self.statistics = tuple(statistics)
+        self.recording: list[int] = []
+        self.active: int | None = None
+        self.modules = {layer: _linear(unet, layer, experts[0].name) for layer in experts[0].layers}
+        self.sums: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in experts]
+        self.counts: list[dict[str, int]] = [dict.fromkeys(self.modules, 0) for _ in experts]
+        self._handles: list = []
+
+    def __enter__(self) -> ActivationRecorder:
+        for layer, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def means(self) -> list[dict[str, dict[str, torch.Tensor]]]:
+        """Per expert, layer -> statistic -> mean over the inputs it recorded."""
+        means = []
+        for index, sums in enumerate(self.sums):
+            counts = self.counts[index]
+            means.append(
+                {
+                    layer: {name: total / max(counts[layer], 1) for name, total in stats.items()}
+                    for layer, stats in sums.items()
+                }
+            )
+        return means
+
+    def _hook(self, layer: str):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            inputs = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
+            if self.recording:
+                self._record(layer, inputs)
+            if self.active is None:
+                return None
+            up, down = self.experts[self.active].layers[layer]
+            delta_output = (inputs @ down.to(inputs.device).T) @ up.to(inputs.device).T  # (N, out)
+            return output + delta_output.reshape(output.shape).to(output.dtype)
+
+        return hook
+
+    def _record(self, layer: str, inputs: torch.Tensor) -> None:
+        count = inputs.shape[0]
+        input_sum = inputs.abs().sum(0) if "input" in self.statistics else None  # the same for every recorder
+        for index in self.recording:
+            sums = self.sums[index].setdefault(layer, {})
+            if input_sum is not None:
+                _accumulate(sums, "input", input_sum)
+            if "hidden" in self.statistics or "output" in self.statistics:
+                up, down = self.experts[index].layers[layer]
+                hidden = inputs @ down.to(inputs.device).T  # (N, r)
+                if "hidden" in self.statistics:
+                    _accumulate(sums, "hidden", hidden.abs().sum(0))
+                if "output" in self.statistics:
+                    _accumulate(sums, "output", (hidden @ up.to(inputs.device).T).abs().sum(0))  # (out,)
+            self.counts[index][layer] += count
+
+
+def calibration_groups(
+    experts: Sequence[LoraExpert], prompts: dict[str | None, list[str]], inputs: str
+) -> list[CalibrationGroup]:
+    """The calibration groups of an `inputs` mode.
+
+    Args:
+        experts: The experts (their `categories` matter for "own_category").
+        prompts: Category -> prompts; the key None holds prompts without a category.
+        inputs: "shared", "own_category" or "with_expert".
+
+    Raises:
+        ValueError: For "own_category", if an expert records no category or a category has no prompts.
+    """
+    everyone = list(range(len(experts)))
+    all_prompts = [prompt for group in prompts.values() for prompt in group]
+    if inputs == "shared":
+        return [CalibrationGroup(all_prompts, everyone)]
+    if inputs == "with_expert":
+        return [CalibrationGroup(all_prompts, [index], active=index) for index in everyone]
+    groups = []
+    for expert in experts:
+        if not expert.categories:
+            raise ValueError(
+                f"inputs='own_category' needs each expert's categories, but {expert.name!r} records none (its "
+                "safety_dpo.json is missing or has no 'categories'). Use inputs='shared' or 'with_expert'."
+            )
+        missing = [category for category in expert.categories if not prompts.get(category)]
+        if missing:
+            raise ValueError(
+                f"inputs='own_category': no calibration prompts of category {missing} for expert {expert.name!r}; "
+                f"the calibration prompts cover {sorted(key for key in prompts if key)}."
+            )
+    for category, group_prompts in prompts.items():
+        recording = [index for index, expert in enumerate(experts) if category in expert.categories]
+        if recording:
+            groups.append(CalibrationGroup(list(group_prompts), recording))
+    return groups
+
+
+def collect_statistics(
+    pipeline, experts: Sequence[LoraExpert], groups: Sequence[CalibrationGroup], config: CoMergeConfig
+) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Generate every group's prompts with the hooks on and return each expert's mean statistics per layer."""
+    statistics = NEEDED_STATISTICS[config.granularity]
+    batches = [
+        (group, number, group.prompts[start : start + config.calibration_batch_size])
+        for group in groups
+        for number, start in enumerate(range(0, len(group.prompts), config.calibration_batch_size))
+    ]
+    previous_bar = dict(getattr(pipeline, "_progress_bar_config", {}))
+    pipeline.set_progress_bar_config(disable=True)
+    try:
+        with ActivationRecorder(pipeline.unet, experts, statistics) as recorder, torch.no_grad():
+            for group, number, batch in tqdm(batches, desc="Co-Merge calibration", unit="batch"):
+                recorder.recording, recorder.active = group.recording, group.active
+                # Every group restarts the seed sequence, so the with_expert passes all start from the same noise.
+                generator = torch.Generator("cpu").manual_seed(config.seed + number)
+                pipeline(
+                    prompt=batch,
+                    num_inference_steps=config.num_timesteps,
+                    generator=generator,
+                    output_type="latent",
+                )
+    finally:
+        pipeline._progress_bar_config = previous_bar
+    return recorder.means()
+
+
+def choose_prompts(prompts_by_category: dict[str, list[str]], per_category: int, seed: int) -> dict[str, list[str]]:
+    """A seeded choice of `per_category` distinct prompts of every category (all of them if there are fewer)."""
+    chosen = {}
+    for category, prompts in sorted(prompts_by_category.items()):
+        unique = sorted(set(prompts))
+        random.Random(f"{seed}-{category}").shuffle(unique)
+        chosen[category] = unique[:per_category]
+    return chosen
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    sums[name] = sums[name] + value if name in sums else value.clone()
+
+
+def _linear(unet: torch.nn.Module, layer: str, expert_name: str) -> torch.nn.Module:
+    try:
+        module = unet.get_submodule(layer)
+    except AttributeError as error:
+        raise ValueError(
+            f"The calibration model has no layer {layer!r}, which expert {expert_name!r} targets; the experts were "
+            "trained on a different model. Pass the experts' base model as `pipeline` (or --model)."
+        ) from error
+    module = getattr(module, "base_layer", module)  # a PEFT-wrapped layer: hook the base layer it wraps
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(f"Layer {layer!r} of the calibration model is a {type(module).__name__}, not a Linear layer.")
+    return module

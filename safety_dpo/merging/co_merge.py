@@ -1,0 +1,214 @@
+"""`co_merge`: safety experts -> one adapter, by Co-Merge or by one of peft's baseline merges."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+
+from safety_dpo.merging import functions
+from safety_dpo.merging.adapter import MergedAdapter
+from safety_dpo.merging.calibration import calibration_groups, choose_prompts, collect_statistics
+from safety_dpo.merging.config import CoMergeConfig
+from safety_dpo.merging.experts import LoraExpert, load_experts
+
+logger = logging.getLogger(__name__)
+
+
+def co_merge(
+    experts: list[Any], config: CoMergeConfig | None = None, pipeline: Any = None, **hub_kwargs: Any
+) -> MergedAdapter:
+    """Merge safety experts into one LoRA.
+
+    Args:
+        experts: Expert folders (`safety-dpo train` outputs), `.safetensors` files, Hub ids or UNet LoRA state dicts.
+        config: How to merge; `CoMergeConfig()` (row-wise Co-Merge on shared inputs) by default.
+        pipeline: The experts' base model, for calibration: a pipeline, a path or Hub id. None: the `base_model` in
+            the experts' `safety_dpo.json` (the microworld when they name none). Baselines need no pipeline.
+        **hub_kwargs: `huggingface_hub` download arguments for experts given by Hub id (`revision`, `token`, ...).
+
+    Returns:
+        The merged adapter; `save_pretrained(dir)` writes a LoRA that stock diffusers `load_lora_weights` reads.
+
+    Raises:
+        ValueError: If the experts do not fit together (base model, layers, shapes), are not LoRA weights, or the
+            weights do not match the experts.
+    """
+    config = config or CoMergeConfig()
+    loaded = load_experts(list(experts), **hub_kwargs)
+    weights = config.weights or [1.0] * len(loaded)
+    if len(weights) != len(loaded):
+        raise ValueError(f"CoMergeConfig.weights has {len(weights)} entries for {len(loaded)} experts; give one each.")
+    logger.info("Merging %d experts with %s.", len(loaded), config.describe())
+    statistics = None
+    if config.method == "co_merge":
+        loaded = [_weighted(expert, weight) for expert, weight in zip(loaded, weights, strict=True)]
+        if len(loaded) > 1:  # one expert wins everything: nothing to calibrate
+            statistics = _calibrate(loaded, config, pipeline)
+    layers, report = merge_layers(loaded, config, weights, statistics)
+    return MergedAdapter(
+        layers=layers,
+        config=config,
+        merged_from=[
+            {"name": expert.name, "categories": expert.categories, "weight": weight}
+            for expert, weight in zip(loaded, weights, strict=True)
+        ],
+        metadata=_shared_metadata(loaded),
+        report=report,
+    )
+
+
+def merge_layers(
+    experts: list[LoraExpert],
+    config: CoMergeConfig,
+    weights: list[float],
+    statistics: list[dict[str, dict[str, torch.Tensor]]] | None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Merge every layer; return layer -> (up, down) and the report (win shares, SVD errors)."""
+    merged, errors = {}, {}
+    wins = [0.0] * len(experts)
+    for number, layer in enumerate(experts[0].layers):
+        ups = [expert.layers[layer][0] for expert in experts]
+        downs = [expert.layers[layer][1] for expert in experts]
+        exact, delta, shares = _merge_layer(layer, number, ups, downs, experts, config, weights, statistics)
+        if exact is not None and config.storage != "svd":
+            merged[layer] = exact
+        else:
+            delta = delta if delta is not None else exact[0] @ exact[1]
+            rank = config.rank or sum(down.shape[0] for down in downs)
+            up, down, error = functions.refactorize(delta, rank)
+            merged[layer], errors[layer] = (up, down), round(error, 6)
+        wins = [total + share for total, share in zip(wins, shares, strict=True)]
+    report: dict[str, Any] = {"storage": "svd" if errors else "exact"}
+    if config.method == "co_merge":
+        report["win_share"] = {
+            expert.name: round(total / len(experts[0].layers), 4) for expert, total in zip(experts, wins, strict=True)
+        }
+    if errors:
+        report["svd_relative_error"] = {
+            "mean": round(sum(errors.values()) / len(errors), 6),
+            "max": max(errors.values()),
+            "per_layer": errors,
+        }
+    return merged, report
+
+
+def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics):
+    """One layer: (exact (up, down) or None, merged delta or None, each expert's share of the won weights)."""
+    count = len(experts)
+    if config.method == "linear":
+        shares = [1.0 / count] * count
+        if config.storage != "svd":
+            return functions.concatenate_weighted(ups, downs, weights), None, shares
+        deltas = [up @ down for up, down in zip(ups, downs, strict=True)]
+        return None, functions.baseline_merge("linear", deltas, torch.tensor(weights)), shares
+    if config.method != "co_merge":
+        deltas = [up @ down for up, down in zip(ups, downs, strict=True)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + number)  # DARE's random pruning, reproducible per layer
+            delta = functions.baseline_merge(
+                config.method, deltas, torch.tensor(weights), config.density, config.majority_sign_method
+            )
+        return None, delta, [1.0 / count] * count
+    if statistics is None:  # a single expert
+        return (ups[0], downs[0]), None, [1.0]
+    stats = [expert_statistics[layer] for expert_statistics in statistics]
+    if config.granularity == "row":
+        up, down, winners = functions.co_merge_rows(ups, downs, torch.stack([stat["output"] for stat in stats]))
+        return (up, down), None, _shares(winners, count)
+    inputs = torch.stack([stat["input"] for stat in stats])
+    if config.granularity == "element":
+        delta, winners = functions.co_merge_elements(
+            torch.stack([up @ down for up, down in zip(ups, downs, strict=True)]), inputs
+        )
+        return None, delta, _shares(winners, count)
+    ranks = {down.shape[0] for down in downs}
+    if len(ranks) > 1:
+        names = {expert.name: down.shape[0] for expert, down in zip(experts, downs, strict=True)}
+        raise ValueError(f"granularity='lora_factor' needs experts of one rank; layer {layer!r} has ranks {names}.")
+    hidden = torch.stack([stat["hidden"] for stat in stats])
+    up, down, up_winners, down_winners = functions.co_merge_lora_factors(
+        torch.stack(ups), torch.stack(downs), inputs, hidden
+    )
+    shares = [(a + b) / 2 for a, b in zip(_shares(up_winners, count), _shares(down_winners, count), strict=True)]
+    return (up, down), None, shares
+
+
+def _calibrate(experts: list[LoraExpert], config: CoMergeConfig, pipeline: Any):
+    from safety_dpo.data.generation import MICROWORLD_MODEL, load_text_to_image_pipeline
+
+    if pipeline is None:
+        base_model = experts[0].metadata.get("base_model")
+        pipeline = None if base_model in (None, MICROWORLD_MODEL) else base_model
+        logger.info("Calibrating on %s.", base_model or "the microworld")
+    pipeline, _ = load_text_to_image_pipeline(pipeline, {})
+    prompts = _calibration_prompts(experts, config)
+    groups = calibration_groups(experts, prompts, config.inputs)
+    return collect_statistics(pipeline, experts, groups, config)
+
+
+def _calibration_prompts(experts: list[LoraExpert], config: CoMergeConfig) -> dict[str | None, list[str]]:
+    if isinstance(config.calibration_prompts, dict):
+        return {category: list(prompts) for category, prompts in config.calibration_prompts.items()}
+    if config.calibration_prompts is not None:
+        return {None: list(config.calibration_prompts)}
+    dataset = config.calibration_dataset or next(
+        (expert.metadata["dataset"] for expert in experts if expert.metadata.get("dataset")), None
+    )
+    if dataset is None:
+        raise ValueError(
+            "Co-Merge needs calibration prompts, but none were given and the experts' safety_dpo.json names no "
+            "dataset. Set CoMergeConfig.calibration_prompts or calibration_dataset (--calibration-dataset)."
+        )
+    from safety_dpo.trainer.experts import load_pairs
+
+    pairs = load_pairs(dataset, split="train")
+    if "unsafe_prompt" not in pairs.column_names:
+        raise ValueError(
+            f"Calibration dataset {str(dataset)!r} has no 'unsafe_prompt' column (columns: {pairs.column_names}); "
+            "pass a CoProV2 build."
+        )
+    categories = pairs["category"] if "category" in pairs.column_names else [None] * len(pairs)
+    wanted = {category for expert in experts for category in expert.categories}
+    by_category: dict[str, list[str]] = {}
+    for category, prompt in zip(categories, pairs["unsafe_prompt"], strict=True):
+        if not wanted or category in wanted:
+            by_category.setdefault(category, []).append(prompt)
+    if not by_category:
+        raise ValueError(
+            f"Calibration dataset {str(dataset)!r} has no prompts of the experts' categories {sorted(wanted)}."
+        )
+    return choose_prompts(by_category, config.num_calibration_prompts, config.seed)
+
+
+def _weighted(expert: LoraExpert, weight: float) -> LoraExpert:
+    if weight == 1.0:
+        return expert
+    layers = {layer: (up * weight, down) for layer, (up, down) in expert.layers.items()}
+    return LoraExpert(name=expert.name, layers=layers, metadata=expert.metadata)
+
+
+def _shares(winners: torch.Tensor, count: int) -> list[float]:
+    return (torch.bincount(winners.flatten(), minlength=count).double() / winners.numel()).tolist()
+
+
+def _shared_metadata(experts: list[LoraExpert]) -> dict[str, Any]:
+    first = experts[0].metadata
+    categories = list(dict.fromkeys(category for expert in experts for category in expert.categories))
+    concepts: dict[str, list[str]] = {}
+    for expert in experts:
+        for category, names in (expert.metadata.get("concepts") or {}).items():
+            concepts.setdefault(category, [])
+            concepts[category] += [name for name in names if name not in concepts[category]]
+    datasets = Counter(expert.metadata.get("dataset") for expert in experts if expert.metadata.get("dataset"))
+    return {
+        "base_model": first.get("base_model"),
+        "unet_config_sha256": first.get("unet_config_sha256"),
+        "architecture": first.get("architecture"),
+        "categories": categories,
+        "concepts": concepts,
+        "dataset": datasets.most_common(1)[0][0] if datasets else None,
+        "target_modules": (first.get("lora") or {}).get("target_modules"),
+    }

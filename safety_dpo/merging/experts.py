@@ -1,0 +1,235 @@
+"""Loading safety experts for merging, and checking that they can be merged.
+
+An expert is a local folder (a `safety-dpo train` output), a `.safetensors` file, a Hub id, or a state dict. Its
+UNet LoRA becomes one `(up, down)` pair per targeted layer, with the LoRA scale `alpha / r` folded into `up`, so
+`up @ down` is the layer's delta weight whatever the expert's alpha was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safety_dpo.trainer.adapter_io import LORA_WEIGHT_NAME, METADATA_NAME
+
+logger = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+@dataclass
+class LoraExpert:
+    """One expert's UNet LoRA, layer by layer.
+
+    Args:
+        name: How errors and the merged adapter's `merged_from` name it (its path, Hub id or "state dict k").
+        layers: Module name (e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") -> (up (out, r) with
+            the LoRA scale folded in, down (r, in)).
+        metadata: Its `safety_dpo.json`, or {} when it has none.
+    """
+
+    name: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.metadata.get("categories") or [])
+
+    def delta(self, layer: str) -> torch.Tensor:
+        up, down = self.layers[layer]
+        return up @ down
+
+
+def load_experts(experts: list[Any], **hub_kwargs: Any) -> list[LoraExpert]:
+    """Load experts given as folders, `.safetensors` files, Hub ids or state dicts, and check they can be merged.
+
+    Raises:
+        ValueError: If no expert is given, if one is not a UNet LoRA, or if they do not fit together (see
+            `check_compatible`).
+        FileNotFoundError: If a path or Hub id cannot be found.
+    """
+    if not experts:
+        raise ValueError("co_merge needs at least one expert (a folder, .safetensors file, Hub id or state dict).")
+    loaded = [load_expert(expert, index, **hub_kwargs) for index, expert in enumerate(experts)]
+    check_compatible(loaded)
+    return loaded
+
+
+def load_expert(expert: Any, index: int = 0, **hub_kwargs: Any) -> LoraExpert:
+    """One expert, from a state dict, a `.safetensors` file, a folder or a Hub id."""
+    if isinstance(expert, LoraExpert):
+        return expert
+    if isinstance(expert, Mapping):
+        return expert_from_state_dict(dict(expert), name=f"state dict {index}")
+    if not isinstance(expert, (str, os.PathLike)):
+        raise ValueError(
+            f"Expert {index} is a {type(expert).__name__}; pass a folder, a .safetensors file, a Hub id or a state dict."
+        )
+    path = Path(expert).expanduser()
+    name = str(expert)
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise ValueError(
+            f"Expert {name!r} is a pickle file; only .safetensors weights are read (nothing is unpickled)."
+        )
+    if path.is_file():
+        return _from_file(path, name, _read_json(path.parent / METADATA_NAME) if path.name == LORA_WEIGHT_NAME else {})
+    if not path.is_dir():
+        from safety_dpo.hub import ensure_local_or_download
+
+        path = ensure_local_or_download(name, allow_patterns=["*.safetensors", METADATA_NAME], **hub_kwargs)
+    metadata = _read_json(path / METADATA_NAME)
+    weight_name = metadata.get("weight_name", LORA_WEIGHT_NAME)
+    if (path / weight_name).is_file():
+        return _from_file(path / weight_name, name, metadata)
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return _from_file(candidates[0], name, metadata)
+    pickles = sorted(item.name for item in path.iterdir() if item.suffix in _PICKLE_SUFFIXES)
+    found = ", ".join(item.name for item in candidates) or "none"
+    raise FileNotFoundError(
+        f"Expert {name!r} has no {LORA_WEIGHT_NAME} (.safetensors files found: {found})"
+        + (f"; {pickles} are pickle files, which are never read" if pickles else "")
+        + ". Pass the weight file itself, or a `safety-dpo train` output folder."
+    )
+
+
+def expert_from_state_dict(
+    state: dict[str, torch.Tensor], name: str, metadata: dict[str, Any] | None = None, lora_config: dict | None = None
+) -> LoraExpert:
+    """Parse a UNet LoRA state dict (diffusers/PEFT keys, with or without the "unet." prefix; older
+    "lora.down/up" keys are converted by diffusers) into layers with the scale folded in.
+
+    The scale of a layer is `alpha / r`, alpha taken from `.alpha` keys, else from `lora_config` (the PEFT config
+    diffusers stores in the file), else from `metadata["lora"]`, else alpha = r (diffusers' default).
+
+    Raises:
+        ValueError: If the state dict holds no UNet LoRA weights, holds text-encoder or DoRA weights, or a layer
+            lacks one of its two factors.
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    metadata = metadata or {}
+    text_encoder = sorted(key for key in state if key.startswith(("text_encoder", "te_", "lora_te")))
+    if text_encoder:
+        raise ValueError(
+            f"Expert {name!r} has text-encoder LoRA weights ({text_encoder[0]}, ...); merging handles UNet LoRAs "
+            "(what `safety-dpo train` writes) only."
+        )
+    state = {key.removeprefix("unet."): value for key, value in state.items()}
+    if not any("lora" in key for key in state):
+        sample = ", ".join(sorted(state)[:3]) or "no keys at all"
+        raise ValueError(
+            f"Expert {name!r} holds no LoRA weights (keys like '<layer>.lora_A.weight'); found {sample}. Pass a "
+            "diffusers-format LoRA (pytorch_lora_weights.safetensors), not a model checkpoint."
+        )
+    alphas = {key.removesuffix(".alpha"): float(value) for key, value in state.items() if key.endswith(".alpha")}
+    state = convert_unet_state_dict_to_peft({key: value for key, value in state.items() if not key.endswith(".alpha")})
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in key and key.endswith(".weight"):
+                factors.setdefault(key.split(marker)[0], {})[part] = value
+                break
+        else:
+            raise ValueError(
+                f"Expert {name!r} has a weight merging does not handle: {key!r} (only plain LoRA factors "
+                "'<layer>.lora_A.weight' / '<layer>.lora_B.weight'; no DoRA, biases or embeddings)."
+            )
+    layers = {}
+    for layer, parts in sorted(factors.items()):
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise ValueError(f"Expert {name!r}: layer {layer!r} has {sorted(parts)} but needs lora_A and lora_B.")
+        down, up = parts["lora_A"].float(), parts["lora_B"].float()
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(
+                f"Expert {name!r}: layer {layer!r} is not a linear LoRA (lora_A {tuple(down.shape)}, lora_B "
+                f"{tuple(up.shape)}); merging handles linear layers only."
+            )
+        rank = down.shape[0]
+        alpha = alphas.get(layer, _configured_alpha(layer, rank, lora_config, metadata))
+        layers[layer] = ((up * (alpha / rank)).contiguous(), down.contiguous())
+    return LoraExpert(name=name, layers=layers, metadata=metadata)
+
+
+def check_compatible(experts: list[LoraExpert]) -> None:
+    """Raise if the experts cannot be merged: different architectures or base UNets (fingerprints), different
+    targeted layers, or different layer shapes. A different `base_model` name with the same fingerprint warns.
+
+    Raises:
+        ValueError: Naming the first expert that differs from the first one, and how.
+    """
+    first = experts[0]
+    for other in experts[1:]:
+        for key, what in (("architecture", "architecture"), ("unet_config_sha256", "base UNet (fingerprint)")):
+            mine, theirs = first.metadata.get(key), other.metadata.get(key)
+            if mine and theirs and mine != theirs:
+                raise ValueError(
+                    f"Expert {other.name!r} was trained on a different {what} than {first.name!r} ({key}: {theirs!r} "
+                    f"vs {mine!r}); only experts of the same base model can be merged."
+                )
+        mine, theirs = first.metadata.get("base_model"), other.metadata.get("base_model")
+        if mine and theirs and mine != theirs:
+            logger.warning(
+                "Experts %r and %r name different base models (%s, %s) with the same UNet layout; merging them anyway.",
+                first.name,
+                other.name,
+                mine,
+                theirs,
+            )
+        missing, extra = sorted(set(first.layers) - set(other.layers)), sorted(set(other.layers) - set(first.layers))
+        if missing or extra:
+            raise ValueError(
+                f"Expert {other.name!r} targets different layers than {first.name!r}: "
+                f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]}). Experts must be "
+                "trained with the same target_modules."
+            )
+        for layer, (up, down) in first.layers.items():
+            other_up, other_down = other.layers[layer]
+            if (up.shape[0], down.shape[1]) != (other_up.shape[0], other_down.shape[1]):
+                raise ValueError(
+                    f"Expert {other.name!r}: layer {layer!r} maps {other_down.shape[1]} -> {other_up.shape[0]} features "
+                    f"but {first.name!r}'s maps {down.shape[1]} -> {up.shape[0]}; the experts come from different models."
+                )
+
+
+def _from_file(path: Path, name: str, metadata: dict[str, Any]) -> LoraExpert:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"Expert {name!r}: {str(path)!r} is not a readable .safetensors file ({error}).") from error
+    lora_config = None
+    for key in ("unet_lora_adapter_metadata", "lora_adapter_metadata"):
+        if key in header:
+            lora_config = json.loads(header[key])
+            break
+    return expert_from_state_dict(state, name=name, metadata=metadata, lora_config=lora_config)
+
+
+def _configured_alpha(layer: str, rank: int, lora_config: dict | None, metadata: dict[str, Any]) -> float:
+    if lora_config:
+        for pattern, alpha in (lora_config.get("alpha_pattern") or {}).items():
+            if layer == pattern or layer.endswith(f".{pattern}"):
+                return float(alpha)
+        if lora_config.get("lora_alpha") is not None:
+            return float(lora_config["lora_alpha"])
+    lora = metadata.get("lora") or {}
+    if lora.get("alpha") is not None and lora.get("rank") == rank:
+        return float(lora["alpha"])
+    return float(rank)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
