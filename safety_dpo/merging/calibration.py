@@ -53,6 +53,12 @@ class ActivationRecorder:
         self.recording: list[int] = []
         self.active: int | None = None
         self.modules = {layer: _linear(unet, layer, experts[0].name) for layer in experts[0].layers}
+        device = next(unet.parameters()).device
+        # The factors move to the model's device once, not in every hook call.
+        self.factors = [
+            {layer: (up.to(device), down.to(device)) for layer, (up, down) in expert.layers.items()}
+            for expert in experts
+        ]
         self.sums: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in experts]
         self.counts: list[dict[str, int]] = [dict.fromkeys(self.modules, 0) for _ in experts]
         self._handles: list = []
@@ -74,7 +80,7 @@ class ActivationRecorder:
             counts = self.counts[index]
             means.append(
                 {
-                    layer: {name: total / max(counts[layer], 1) for name, total in stats.items()}
+                    layer: {name: (total / max(counts[layer], 1)).cpu() for name, total in stats.items()}
                     for layer, stats in sums.items()
                 }
             )
@@ -87,8 +93,8 @@ class ActivationRecorder:
                 self._record(layer, inputs)
             if self.active is None:
                 return None
-            up, down = self.experts[self.active].layers[layer]
-            delta_output = (inputs @ down.to(inputs.device).T) @ up.to(inputs.device).T  # (N, out)
+            up, down = self.factors[self.active][layer]
+            delta_output = (inputs @ down.T) @ up.T  # (N, out)
             return output + delta_output.reshape(output.shape).to(output.dtype)
 
         return hook
@@ -101,12 +107,12 @@ class ActivationRecorder:
             if input_sum is not None:
                 _accumulate(sums, "input", input_sum)
             if "hidden" in self.statistics or "output" in self.statistics:
-                up, down = self.experts[index].layers[layer]
-                hidden = inputs @ down.to(inputs.device).T  # (N, r)
+                up, down = self.factors[index][layer]
+                hidden = inputs @ down.T  # (N, r)
                 if "hidden" in self.statistics:
                     _accumulate(sums, "hidden", hidden.abs().sum(0))
                 if "output" in self.statistics:
-                    _accumulate(sums, "output", (hidden @ up.to(inputs.device).T).abs().sum(0))  # (out,)
+                    _accumulate(sums, "output", (hidden @ up.T).abs().sum(0))  # (out,)
             self.counts[index][layer] += count
 
 
@@ -167,8 +173,10 @@ def collect_statistics(
                 recorder.recording, recorder.active = group.recording, group.active
                 # Every group restarts the seed sequence, so the with_expert passes all start from the same noise.
                 generator = torch.Generator("cpu").manual_seed(config.seed + number)
+                guidance = {} if config.guidance_scale is None else {"guidance_scale": config.guidance_scale}
                 pipeline(
                     prompt=batch,
+                    **guidance,
                     num_inference_steps=config.num_timesteps,
                     generator=generator,
                     output_type="latent",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from typing import Any
@@ -42,12 +43,14 @@ def co_merge(
     if len(weights) != len(loaded):
         raise ValueError(f"CoMergeConfig.weights has {len(weights)} entries for {len(loaded)} experts; give one each.")
     logger.info("Merging %d experts with %s.", len(loaded), config.describe())
-    statistics = None
+    statistics, calibration = None, None
     if config.method == "co_merge":
         loaded = [_weighted(expert, weight) for expert, weight in zip(loaded, weights, strict=True)]
         if len(loaded) > 1:  # one expert wins everything: nothing to calibrate
-            statistics = _calibrate(loaded, config, pipeline)
+            statistics, calibration = _calibrate(loaded, config, pipeline)
     layers, report = merge_layers(loaded, config, weights, statistics)
+    if calibration:
+        report["calibration"] = calibration
     return MergedAdapter(
         layers=layers,
         config=config,
@@ -143,10 +146,22 @@ def _calibrate(experts: list[LoraExpert], config: CoMergeConfig, pipeline: Any):
         base_model = experts[0].metadata.get("base_model")
         pipeline = None if base_model in (None, MICROWORLD_MODEL) else base_model
         logger.info("Calibrating on %s.", base_model or "the microworld")
-    pipeline, _ = load_text_to_image_pipeline(pipeline, {})
+        if pipeline is None and config.guidance_scale is None:
+            from safety_dpo.microworld import load_protocol
+
+            config = dataclasses.replace(config, guidance_scale=load_protocol().guidance_scale)
+    pipeline, model_id = load_text_to_image_pipeline(pipeline, {})
     prompts = _calibration_prompts(experts, config)
     groups = calibration_groups(experts, prompts, config.inputs)
-    return collect_statistics(pipeline, experts, groups, config)
+    statistics = collect_statistics(pipeline, experts, groups, config)
+    calibration = {
+        "model": model_id,
+        "prompts": sum(len(group) for group in prompts.values()),
+        "generations": sum(len(group.prompts) for group in groups),
+        "guidance_scale": config.guidance_scale,
+        "num_timesteps": config.num_timesteps,
+    }
+    return statistics, calibration
 
 
 def _calibration_prompts(experts: list[LoraExpert], config: CoMergeConfig) -> dict[str | None, list[str]]:

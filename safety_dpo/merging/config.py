@@ -47,6 +47,8 @@ class CoMergeConfig:
         num_calibration_prompts: Prompts per category taken from the dataset (a seeded choice).
         num_timesteps: Denoising steps of each calibration generation; every step's UNet inputs are recorded.
         calibration_batch_size: Prompts per calibration generation.
+        guidance_scale: Classifier-free guidance of the calibration generations; None: the pipeline's default (for
+            the microworld, its protocol's).
         weights: One weight per expert (default 1.0 each). Co-Merge scales each expert's delta by it before merging;
             the baselines pass it to peft's functions.
         density: Share of weights kept by "ties", "dare_*" and "magnitude_prune".
@@ -70,6 +72,7 @@ class CoMergeConfig:
     num_calibration_prompts: int = field(default=16, metadata={"help": "Calibration prompts per category."})
     num_timesteps: int = field(default=10, metadata={"help": "Denoising steps per calibration generation."})
     calibration_batch_size: int = field(default=16, metadata={"help": "Prompts per calibration generation."})
+    guidance_scale: float | None = field(default=None, metadata={"help": "Calibration guidance; None: default."})
     weights: list[float] | None = field(default=None, metadata={"help": "One weight per expert; None: 1.0 each."})
     density: float = field(default=0.5, metadata={"help": "Share of weights kept by ties/dare/magnitude_prune."})
     majority_sign_method: Literal["total", "frequency"] = field(
