@@ -201,7 +201,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     existing = read_metadata(args.output_dir) if Path(args.output_dir).is_dir() else None
     if existing is not None and existing.get("kind") != "merged":
         raise FileExistsError(
-            f"--output-dir {args.output_dir!r} holds a {existing.get('kind', 'safety_dpo')} adapter, not a merge; "
+            f"--output-dir {args.output_dir!r} holds an adapter of kind {existing.get('kind')!r} (an expert adapter, not a merge); "
             "choose another directory (a merged adapter there would replace it)."
         )
     merged = co_merge(args.experts, config, pipeline=args.model)

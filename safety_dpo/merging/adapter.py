@@ -61,7 +61,7 @@ class MergedAdapter:
         return {
             "kind": "merged",
             **self.metadata,
-            "lora": {"rank": max(ranks), "ranks": ranks, "alpha": "equal to rank (scale 1)"},
+            "lora": {"rank": max(ranks), "ranks": ranks, "alpha": None, "scale": 1.0},  # alpha = r in every layer
             "merged_from": self.merged_from,
             "merge_config": self.config.to_dict(),
             "merge_report": self.report,

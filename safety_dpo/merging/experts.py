@@ -211,10 +211,9 @@ def _from_file(path: Path, name: str, metadata: dict[str, Any]) -> LoraExpert:
     except (SafetensorError, OSError) as error:
         raise ValueError(f"Expert {name!r}: {str(path)!r} is not a readable .safetensors file ({error}).") from error
     lora_config = None
-    for key in ("unet_lora_adapter_metadata", "lora_adapter_metadata"):
-        if key in header:
-            lora_config = json.loads(header[key])
-            break
+    if "lora_adapter_metadata" in header:  # diffusers' save_lora_weights: the PEFT config, keys prefixed "unet."
+        stored = json.loads(header["lora_adapter_metadata"])
+        lora_config = {key.removeprefix("unet."): value for key, value in stored.items() if key.startswith("unet.")}
     return expert_from_state_dict(state, name=name, metadata=metadata, lora_config=lora_config)
 
 
@@ -226,7 +225,7 @@ def _configured_alpha(layer: str, rank: int, lora_config: dict | None, metadata:
         if lora_config.get("lora_alpha") is not None:
             return float(lora_config["lora_alpha"])
     lora = metadata.get("lora") or {}
-    if lora.get("alpha") is not None and lora.get("rank") == rank:
+    if isinstance(lora.get("alpha"), (int, float)) and lora.get("rank") == rank:
         return float(lora["alpha"])
     return float(rank)
 
