@@ -228,14 +228,16 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
         "merge",
         help="Merge safety experts into one adapter with Co-Merge (or linear/TIES/DARE).",
         description="Merge safety experts (folders written by `safety-dpo train`, .safetensors files or Hub ids) into "
-        "one LoRA. Co-Merge gives every weight row to the expert most active on it over calibration generations of "
+        "one LoRA. Co-Merge gives every weight to the expert most active on it over calibration generations of "
         "the model (the experts' base model, or the microworld when they name none); the baselines need no model. "
         "Options left out come from --config, then from CoMergeConfig's defaults.",
     )
     parser.add_argument("experts", nargs="+", metavar="EXPERT", help="Expert folder, .safetensors file or Hub id.")
     parser.add_argument("--output-dir", required=True, help="Where the merged adapter is written.")
     parser.add_argument("--method", choices=METHODS, help="co_merge (default) or a baseline.")
-    parser.add_argument("--granularity", choices=GRANULARITIES, help="What competes in Co-Merge (default: row).")
+    parser.add_argument(
+        "--granularity", choices=GRANULARITIES, help="What competes in Co-Merge (default: lora_factor)."
+    )
     parser.add_argument("--inputs", choices=INPUTS, help="Calibration inputs of Co-Merge (default: shared).")
     parser.add_argument("--model", help="Path or Hub id of the experts' base pipeline (default: from the experts).")
     parser.add_argument("--calibration-dataset", help="CoProV2 folder or Hub id (default: the experts' dataset).")

@@ -74,9 +74,13 @@ def diffusers_state(expert: LoraExpert) -> dict[str, torch.Tensor]:
     return {f"unet.{layer}.lora_{k}.weight": value for layer, parts in factors.items() for k, value in parts.items()}
 
 
-def calibration(prompts=None, **overrides) -> CoMergeConfig:
+def calibration(prompts=None, granularity="row", **overrides) -> CoMergeConfig:
     return CoMergeConfig(
-        calibration_prompts=prompts or PROMPTS, num_timesteps=2, calibration_batch_size=2, **overrides
+        calibration_prompts=prompts or PROMPTS,
+        num_timesteps=2,
+        calibration_batch_size=2,
+        granularity=granularity,
+        **overrides,
     )
 
 

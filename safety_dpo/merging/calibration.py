@@ -27,6 +27,7 @@ STATISTICS = {
     "hidden": "|(A_e x)_k| (r)",
     "output": "|(dW_e x)_i| (out)",
 }
+_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32 for the batched |dW_e x| of all experts
 NEEDED_STATISTICS = {"row": ("output",), "element": ("input",), "lora_factor": ("input", "hidden")}
 
 
@@ -62,6 +63,7 @@ class ActivationRecorder:
         self.sums: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in experts]
         self.counts: list[dict[str, int]] = [dict.fromkeys(self.modules, 0) for _ in experts]
         self._handles: list = []
+        self._stack_cache: dict = {}
 
     def __enter__(self) -> ActivationRecorder:
         for layer, module in self.modules.items():
@@ -101,19 +103,47 @@ class ActivationRecorder:
 
     def _record(self, layer: str, inputs: torch.Tensor) -> None:
         count = inputs.shape[0]
-        input_sum = inputs.abs().sum(0) if "input" in self.statistics else None  # the same for every recorder
-        for index in self.recording:
-            sums = self.sums[index].setdefault(layer, {})
-            if input_sum is not None:
-                _accumulate(sums, "input", input_sum)
-            if "hidden" in self.statistics or "output" in self.statistics:
-                up, down = self.factors[index][layer]
-                hidden = inputs @ down.T  # (N, r)
+        if "input" in self.statistics:
+            input_sum = inputs.abs().sum(0)  # the same for every recording expert
+            for index in self.recording:
+                _accumulate(self.sums[index].setdefault(layer, {}), "input", input_sum)
+        if "hidden" in self.statistics or "output" in self.statistics:
+            ups, downs, ranks = self._stacked(layer, tuple(self.recording))
+            hidden = inputs @ downs.T  # (N, sum r): every recording expert's A_e x in one product
+            hidden_sums = hidden.abs().sum(0).split(ranks)
+            output_sums = self._output_sums(hidden, ups, ranks) if "output" in self.statistics else None
+            for position, index in enumerate(self.recording):
+                sums = self.sums[index].setdefault(layer, {})
                 if "hidden" in self.statistics:
-                    _accumulate(sums, "hidden", hidden.abs().sum(0))
-                if "output" in self.statistics:
-                    _accumulate(sums, "output", (hidden @ up.T).abs().sum(0))  # (out,)
+                    _accumulate(sums, "hidden", hidden_sums[position])
+                if output_sums is not None:
+                    _accumulate(sums, "output", output_sums[position])
+        for index in self.recording:
             self.counts[index][layer] += count
+
+    def _stacked(self, layer: str, recording: tuple[int, ...]):
+        """The recording experts' factors of a layer, concatenated once per group: ups, downs (sum r, in), ranks."""
+        key = (layer, recording)
+        if key not in self._stack_cache:
+            ups = [self.factors[index][layer][0] for index in recording]
+            downs = [self.factors[index][layer][1] for index in recording]
+            ranks = [down.shape[0] for down in downs]
+            stacked_ups = torch.stack(ups) if len(set(ranks)) == 1 else ups  # (K, out, r) when the ranks agree
+            self._stack_cache[key] = (stacked_ups, torch.cat(downs), ranks)
+        return self._stack_cache[key]
+
+    @staticmethod
+    def _output_sums(hidden: torch.Tensor, ups, ranks: list[int]) -> list[torch.Tensor]:
+        """Sum over inputs of |dW_e x| = |B_e (A_e x)| for every expert, (out,) each."""
+        if isinstance(ups, list):
+            return [(part @ up.T).abs().sum(0) for part, up in zip(hidden.split(ranks, dim=1), ups, strict=True)]
+        experts, out_features, rank = ups.shape
+        per_expert = hidden.reshape(-1, experts, rank).transpose(0, 1)  # (K, N, r)
+        chunk = max(1, _CHUNK_ELEMENTS // (experts * out_features))  # bound the (K, chunk, out) intermediate
+        total = hidden.new_zeros(experts, out_features)
+        for start in range(0, per_expert.shape[1], chunk):
+            total += torch.bmm(per_expert[:, start : start + chunk], ups.transpose(1, 2)).abs().sum(1)
+        return list(total)
 
 
 def calibration_groups(

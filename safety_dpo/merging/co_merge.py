@@ -25,7 +25,7 @@ def co_merge(
 
     Args:
         experts: Expert folders (`safety-dpo train` outputs), `.safetensors` files, Hub ids or UNet LoRA state dicts.
-        config: How to merge; `CoMergeConfig()` (row-wise Co-Merge on shared inputs) by default.
+        config: How to merge; `CoMergeConfig()` (factor-wise Co-Merge on shared inputs) by default.
         pipeline: The experts' base model, for calibration: a pipeline, a path or Hub id. None: the `base_model` in
             the experts' `safety_dpo.json` (the microworld when they name none). Baselines need no pipeline.
         **hub_kwargs: `huggingface_hub` download arguments for experts given by Hub id (`revision`, `token`, ...).
