@@ -14,7 +14,11 @@ _LAZY_EXPORTS: dict[str, str] = {
     "CoMergeConfig": ".merging.config",
     "CoProV2Builder": ".data.builder",
     "SafetyDPOConfig": ".trainer.config",
+    "SafetyAdapterMixin": ".pipelines.mixin",
     "SafetyDPOTrainer": ".trainer.trainer",
+    "StableDiffusionSafePipeline": ".pipelines.safe_pipelines",
+    "StableDiffusionXLSafePipeline": ".pipelines.safe_pipelines",
+    "enable_safety_adapters": ".pipelines.safe_pipelines",
     "co_merge": ".merging.co_merge",
 }
 

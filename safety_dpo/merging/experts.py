@@ -63,8 +63,16 @@ def load_experts(experts: list[Any], **hub_kwargs: Any) -> list[LoraExpert]:
     return loaded
 
 
-def load_expert(expert: Any, index: int = 0, **hub_kwargs: Any) -> LoraExpert:
-    """One expert, from a state dict, a `.safetensors` file, a folder or a Hub id."""
+def load_expert(expert: Any, index: int = 0, weight_name: str | None = None, **hub_kwargs: Any) -> LoraExpert:
+    """One expert (or any UNet LoRA), from a state dict, a `.safetensors` file, a folder or a Hub id.
+
+    Args:
+        expert: The source.
+        index: Its position, to name a state dict in errors.
+        weight_name: The weight file inside a folder or Hub repo; None: the one `safety_dpo.json` names, else
+            `pytorch_lora_weights.safetensors`, else the folder's only `.safetensors` file.
+        **hub_kwargs: `huggingface_hub` download arguments.
+    """
     if isinstance(expert, LoraExpert):
         return expert
     if isinstance(expert, Mapping):
@@ -84,8 +92,19 @@ def load_expert(expert: Any, index: int = 0, **hub_kwargs: Any) -> LoraExpert:
     if not path.is_dir():
         from safety_dpo.hub import ensure_local_or_download
 
-        path = ensure_local_or_download(name, allow_patterns=["*.safetensors", METADATA_NAME], **hub_kwargs)
+        patterns = [weight_name or "*.safetensors", METADATA_NAME]
+        path = ensure_local_or_download(name, allow_patterns=patterns, **hub_kwargs)
     metadata = _read_json(path / METADATA_NAME)
+    if weight_name is not None:
+        if Path(weight_name).suffix in _PICKLE_SUFFIXES:
+            raise ValueError(f"weight_name={weight_name!r} is a pickle file; only .safetensors weights are read.")
+        if not (path / weight_name).is_file():
+            found = ", ".join(item.name for item in sorted(path.glob("*.safetensors"))) or "none"
+            raise FileNotFoundError(
+                f"{name!r} has no weight file {weight_name!r} (.safetensors files there: {found}); pass one of "
+                "them as weight_name."
+            )
+        return _from_file(path / weight_name, name, metadata)
     weight_name = metadata.get("weight_name", LORA_WEIGHT_NAME)
     if (path / weight_name).is_file():
         return _from_file(path / weight_name, name, metadata)

@@ -1,1 +1,17 @@
-"""Inference: SafetyAdapterMixin and the safe Stable Diffusion pipelines."""
+"""Safe pipelines: `SafetyAdapterMixin` (`pipe.load_safety_adapter(...)`), `StableDiffusionSafePipeline`,
+`StableDiffusionXLSafePipeline`, and `enable_safety_adapters` for a pipeline that already exists. See docs/inference.md.
+"""
+
+from safety_dpo.pipelines.mixin import SafetyAdapterMixin
+from safety_dpo.pipelines.safe_pipelines import (
+    StableDiffusionSafePipeline,
+    StableDiffusionXLSafePipeline,
+    enable_safety_adapters,
+)
+
+__all__ = [
+    "SafetyAdapterMixin",
+    "StableDiffusionSafePipeline",
+    "StableDiffusionXLSafePipeline",
+    "enable_safety_adapters",
+]

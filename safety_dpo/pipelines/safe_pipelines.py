@@ -1,0 +1,81 @@
+"""`StableDiffusionSafePipeline` and `StableDiffusionXLSafePipeline`: the stock pipelines with `SafetyAdapterMixin`.
+
+Not to be confused with diffusers' deprecated `StableDiffusionPipelineSafe` (Safe Latent Diffusion, which adds safety
+guidance work at every denoising step): these are the stock pipelines, unchanged, with a SafetyDPO adapter loaded
+into the UNet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from safety_dpo.pipelines.mixin import SafetyAdapterMixin
+
+
+class _SafeFromPretrained:
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Any,
+        safety_adapter: Any = None,
+        safety_scale: float = 1.0,
+        fuse_safety_adapter: bool = False,
+        **kwargs: Any,
+    ):
+        """Load the base pipeline and, when `safety_adapter` is given, the safety adapter, in one call.
+
+        Args:
+            pretrained_model_name_or_path: The base model, as for diffusers' `from_pretrained`.
+            safety_adapter: A Hub id, folder, `.safetensors` file or state dict of a safety adapter.
+            safety_scale: Its weight.
+            fuse_safety_adapter: Fuse it into the base weights (zero inference overhead).
+            **kwargs: diffusers `from_pretrained` arguments (`torch_dtype`, `variant`, `revision`, ...).
+        """
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if safety_adapter is not None:
+            hub_kwargs = {key: kwargs[key] for key in ("token", "cache_dir", "local_files_only") if key in kwargs}
+            pipeline.load_safety_adapter(safety_adapter, scale=safety_scale, fuse=fuse_safety_adapter, **hub_kwargs)
+        return pipeline
+
+
+class StableDiffusionSafePipeline(_SafeFromPretrained, SafetyAdapterMixin, StableDiffusionPipeline):
+    """`StableDiffusionPipeline` (SD 1.x/2.x) with `load_safety_adapter`.
+
+    ```python
+    pipe = StableDiffusionSafePipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                                       safety_adapter="org/sd15-safety-adapter")
+    ```
+    """
+
+
+class StableDiffusionXLSafePipeline(_SafeFromPretrained, SafetyAdapterMixin, StableDiffusionXLPipeline):
+    """`StableDiffusionXLPipeline` with `load_safety_adapter`."""
+
+
+def enable_safety_adapters(pipeline: Any) -> Any:
+    """Give an existing pipeline instance `load_safety_adapter` (in place; the same object is returned).
+
+    A `StableDiffusionPipeline` becomes a `StableDiffusionSafePipeline`, a `StableDiffusionXLPipeline` a
+    `StableDiffusionXLSafePipeline`; any other pipeline with a UNet and diffusers' LoRA loading gets the mixin added
+    to its own class. Its components, weights and loaded LoRAs are untouched.
+
+    Raises:
+        ValueError: If the pipeline has no UNet or no diffusers LoRA loading.
+    """
+    if isinstance(pipeline, SafetyAdapterMixin):
+        return pipeline
+    missing = [name for name in ("unet", "load_lora_weights", "set_adapters") if not hasattr(pipeline, name)]
+    if missing or getattr(pipeline, "unet", None) is None:
+        raise ValueError(
+            f"{type(pipeline).__name__} cannot take a safety adapter: it lacks {missing or ['a UNet']}; expected a "
+            "Stable Diffusion 1.x/2.x or SDXL pipeline."
+        )
+    known = {
+        StableDiffusionPipeline: StableDiffusionSafePipeline,
+        StableDiffusionXLPipeline: StableDiffusionXLSafePipeline,
+    }
+    cls = type(pipeline)
+    pipeline.__class__ = known.get(cls) or type(f"{cls.__name__}WithSafetyAdapter", (SafetyAdapterMixin, cls), {})
+    return pipeline
