@@ -254,6 +254,75 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_merge)
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    """Generate images from prompts, with or without a safety adapter, to try one by hand."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from safety_dpo.data.generation import load_text_to_image_pipeline
+    from safety_dpo.pipelines import enable_safety_adapters
+
+    if args.images_per_prompt < 1:
+        raise ValueError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
+    pipe, model_id = load_text_to_image_pipeline(args.model, {})
+    settings = {}
+    if args.model is None:  # the microworld: its protocol's scheduler, steps and guidance unless given
+        from diffusers import DPMSolverMultistepScheduler
+
+        from safety_dpo.microworld import load_protocol
+
+        protocol = load_protocol()
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        settings = {"num_inference_steps": protocol.num_inference_steps, "guidance_scale": protocol.guidance_scale}
+    if args.num_inference_steps is not None:
+        settings["num_inference_steps"] = args.num_inference_steps
+    if args.guidance_scale is not None:
+        settings["guidance_scale"] = args.guidance_scale
+    if args.safety_adapter:
+        enable_safety_adapters(pipe).load_safety_adapter(args.safety_adapter, scale=args.safety_scale, fuse=True)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, prompt in enumerate(args.prompts):
+        for image_index in range(args.images_per_prompt):
+            seed = args.seed + image_index
+            path = output_dir / f"{index:03d}-seed{seed}.png"
+            if not path.is_file():  # resumable: an image already written is not drawn again
+                generator = torch.Generator("cpu").manual_seed(seed)
+                image = pipe(prompt, generator=generator, **settings).images[0]
+                temporary = path.with_name(f".{path.name}.tmp")
+                image.save(temporary, format="PNG")
+                os.replace(temporary, path)
+            written.append({"file": path.name, "prompt": prompt, "seed": seed})
+    record = {"model": model_id, "safety_adapter": args.safety_adapter, "safety_scale": args.safety_scale, **settings}
+    (output_dir / "images.json").write_text(json.dumps({**record, "images": written}, indent=2) + "\n")
+    print(f"{len(written)} images in {output_dir} (images.json lists prompt and seed of each).")
+    return 0
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="Generate images from prompts, with or without a safety adapter.",
+        description="Generate images to try a safety adapter by hand: the same prompts and seeds with and without "
+        "--safety-adapter show what it changes. Image k of prompt i uses seed SEED + k and is written as "
+        "OUTPUT_DIR/<i>-seed<seed>.png; images already there are kept. The microworld when no model is named.",
+    )
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT")
+    parser.add_argument("--output-dir", required=True, help="Where the images go.")
+    parser.add_argument("--model", help="Path or Hub id of a diffusers text-to-image pipeline (default: microworld).")
+    parser.add_argument("--safety-adapter", help="Path or Hub id of a safety adapter (fused into the model).")
+    parser.add_argument("--safety-scale", type=float, default=1.0, help="The adapter's weight (default 1.0).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the first image of each prompt.")
+    parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--num-inference-steps", type=int, help="Denoising steps (default: the model's).")
+    parser.add_argument("--guidance-scale", type=float, help="Classifier-free guidance (default: the model's).")
+    parser.set_defaults(handler=_run_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand that exists."""
     parser = argparse.ArgumentParser(
@@ -263,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    for add_subcommand in (_add_env, _add_build_data, _add_train, _add_merge):
+    for add_subcommand in (_add_env, _add_build_data, _add_train, _add_merge, _add_generate):
         add_subcommand(subparsers)
     return parser
 

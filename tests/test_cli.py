@@ -15,7 +15,7 @@ def test_help_lists_only_the_subcommands_that_exist(capsys):
     assert exit_info.value.code == 0
     assert "env" in capsys.readouterr().out
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"env", "build-data", "train", "merge"}
+    assert set(subcommands) == {"env", "build-data", "train", "merge", "generate"}
 
 
 def test_env_prints_the_versions_of_the_stack(capsys):
@@ -93,3 +93,26 @@ def test_other_commands_refuse_unknown_flags(capsys):
         main(["env", "--bogus"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_generate_writes_one_image_per_prompt_and_seed_and_keeps_those_already_written(tmp_path):
+    import json
+
+    out = tmp_path / "images"
+    command = ["generate", "a knife", "a cat", "--output-dir", str(out), "--images-per-prompt", "2"]
+    assert main([*command, "--seed", "5", "--num-inference-steps", "2"]) == 0
+    names = sorted(path.name for path in out.glob("*.png"))
+    assert names == ["000-seed5.png", "000-seed6.png", "001-seed5.png", "001-seed6.png"]
+    record = json.loads((out / "images.json").read_text())
+    assert record["images"][2] == {"file": "001-seed5.png", "prompt": "a cat", "seed": 5}
+    before = (out / "000-seed5.png").stat().st_mtime_ns
+    assert main([*command, "--seed", "5", "--num-inference-steps", "2"]) == 0
+    assert (out / "000-seed5.png").stat().st_mtime_ns == before
+
+
+def test_generate_refuses_a_pickled_adapter_in_one_line(tmp_path, capsys):
+    adapter = tmp_path / "adapter.bin"
+    adapter.write_bytes(b"never read")
+    command = ["generate", "a knife", "--output-dir", str(tmp_path / "out"), "--safety-adapter", str(adapter)]
+    assert main(command) == 2
+    assert "pickle" in capsys.readouterr().err
