@@ -33,6 +33,8 @@ class SafetyAdapterState:
     scale: float
     fused: bool
     original_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # fused only: CPU copies
+    # unfused only: diffusers' PEFT injection freezes every UNet parameter; unloading gives the flags back
+    requires_grad: list[tuple[torch.nn.Parameter, bool]] = field(default_factory=list)
 
 
 class SafetyAdapterMixin:
@@ -99,6 +101,7 @@ class SafetyAdapterMixin:
             self._fuse(state)
         else:
             weights = self._active_adapter_weights()
+            state.requires_grad = [(parameter, parameter.requires_grad) for parameter in self.unet.parameters()]
             lora = {}
             for layer, (up, down) in adapter.layers.items():  # the scale is folded in: diffusers' alpha = r
                 lora[f"unet.{layer}.lora_A.weight"] = down
@@ -130,6 +133,8 @@ class SafetyAdapterMixin:
                 self.unload_lora_weights()  # no LoRA left: take the PEFT wrappers out as well
             elif weights:
                 self.set_adapters(list(weights), list(weights.values()))
+            for parameter, requires_grad in state.requires_grad:
+                parameter.requires_grad_(requires_grad)
 
     def set_safety_scale(self, scale: float, adapter_name: str | None = None) -> None:
         """Change a safety adapter's weight (None: every safety adapter). A fused adapter is re-fused."""
