@@ -17,6 +17,8 @@ install_requires = [
     "accelerate>=1.0",
     "safetensors>=0.4",
     "evaluate>=0.4",
+    # FID and CLIPScore (feature extractors are passed in: the Inception one needs the fid-inception extra).
+    "torchmetrics>=1.4",
     "numpy>=1.24",
     "Pillow>=10.0",
     "PyYAML>=6.0",
@@ -24,11 +26,14 @@ install_requires = [
     "tqdm>=4.66",
 ]
 
+# Detectors and report charts. torch-fidelity/torchvision (Inception FID) are left to the `fid-inception` extra
+# because they pull a CUDA build of torch on CPU-only machines.
+eval_requires = ["nudenet>=3.4", "matplotlib>=3.8"]
+
 extras = {
-    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "tensorboard>=2.15"],
-    # Detectors and metrics for real models. torch-fidelity/torchvision (Inception FID) are left to
-    # the `fid-inception` extra because they pull a CUDA build of torch on CPU-only machines.
-    "eval": ["nudenet>=3.4", "torchmetrics>=1.4", "matplotlib>=3.8"],
+    # The tests run NudeNet and draw report charts, so the development install takes the `eval` extra too.
+    "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "tensorboard>=2.15", *eval_requires],
+    "eval": eval_requires,
     "fid-inception": ["torchmetrics[image]>=1.4"],
     # Tokenizers of many chat models need these; the OpenAI-compatible writer needs nothing beyond the stdlib.
     "llm": ["sentencepiece>=0.2", "protobuf>=4.25"],
