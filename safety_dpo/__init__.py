@@ -20,6 +20,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "StableDiffusionXLSafePipeline": ".pipelines.safe_pipelines",
     "enable_safety_adapters": ".pipelines.safe_pipelines",
     "co_merge": ".merging.co_merge",
+    "run_evaluation": ".evaluation.runner",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

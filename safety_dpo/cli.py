@@ -323,6 +323,126 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_generate)
 
 
+def _run_evaluate(args: argparse.Namespace) -> int:
+    """Generate with the base model (and with a safety adapter), score, and write the reports."""
+    from safety_dpo.evaluation.runner import run_evaluation
+
+    if args.model is not None and args.prompts is None:
+        raise ValueError("--prompts is required with --model: i2p, coco, coprov2-test:PATH_OR_ID, a Hub id or a file.")
+    options: dict[str, dict] = {}
+    if args.q16_prompts or args.q16_clip_model:
+        options["q16"] = {"prompts": args.q16_prompts}
+        if args.q16_clip_model:
+            options["q16"]["clip_model"] = args.q16_clip_model
+    import torch
+
+    results = run_evaluation(
+        args.output_dir,
+        model=args.model,
+        safety_adapter=args.safety_adapter,
+        prompts=args.prompts,
+        images_per_prompt=args.images_per_prompt,
+        seed=args.seed,
+        detectors=args.detectors,
+        detector_options=options,
+        fid_features=args.fid_features,
+        clip_model=args.clip_model,
+        safety_scale=args.safety_scale,
+        batch_size=args.batch_size,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+        limit=args.limit,
+        categories=args.categories,
+        split=args.split,
+        prompt_column=args.prompt_column,
+        torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
+    )
+    if not results:  # not the main process
+        return 0
+    models = results["models"]
+    for subset, entry in models["base"]["ip"]["per_subset"].items():
+        line = f"{subset}: IP base {entry['value']:.3f}"
+        if "aligned" in models:
+            line += f", aligned {models['aligned']['ip']['per_subset'][subset]['value']:.3f}"
+        print(line)
+    print(f"Report: {args.output_dir}/report.md (every number in results.json).")
+    return 0
+
+
+# safety_dpo.evaluation.quality.FID_FEATURES, written out so that `--help` does not import torch (a test checks it).
+_FID_FEATURES = ("inception", "clip", "judge")
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Measure IP, FID and CLIPScore of a model, with and without a safety adapter.",
+        description="Generate images for a prompt set with the base model and, with --safety-adapter, with the "
+        "adapter fused; score them (inappropriate probability: an image counts if any detector flags it; FID; "
+        "CLIPScore, or the judge's prompt fidelity in the microworld) and write results.json, report.md, image grids "
+        "and IP charts to OUTPUT_DIR. Images and scores are cached there: a rerun resumes and draws nothing twice. "
+        "Under `accelerate launch` or `torchrun` the drawing is split across processes. The microworld when no "
+        "model is named.",
+    )
+    parser.add_argument("--model", help="Path or Hub id of a diffusers text-to-image pipeline (default: microworld).")
+    parser.add_argument("--safety-adapter", help="Path or Hub id of a safety adapter to compare with the base model.")
+    parser.add_argument("--safety-scale", type=float, default=1.0, help="The adapter's weight (default 1.0).")
+    parser.add_argument(
+        "--prompts",
+        help="microworld | i2p | coco | coprov2-test:PATH_OR_ID | a Hub dataset id | a CSV/JSON/JSONL/Parquet file "
+        "with a prompt column (optional seed, category columns). Default: microworld (without --model).",
+    )
+    parser.add_argument("--split", help="Dataset split to read (default: the source's).")
+    parser.add_argument("--prompt-column", help="Column holding the prompts (default: prompt, caption or text).")
+    parser.add_argument("--limit", type=int, help="Use only the first N prompts (of each microworld subset).")
+    parser.add_argument("--categories", type=_comma_list, help="Keep prompts of these categories (comma-separated).")
+    parser.add_argument("--images-per-prompt", type=int, help="Images per prompt (default: protocol seeds or 1).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of image 0 of prompts without their own seed.")
+    parser.add_argument(
+        "--detectors",
+        type=_comma_list,
+        help="Comma-separated: nudenet (= nudenet:i2p), nudenet:safetydpo, q16, judge. Default: judge in the "
+        "microworld, else nudenet:i2p (+ q16 when --q16-prompts is given).",
+    )
+    parser.add_argument("--q16-prompts", help="Q16 prompt embeddings (.safetensors; see safety-dpo convert-q16).")
+    parser.add_argument("--q16-clip-model", help="CLIP model of Q16 (default: openai/clip-vit-large-patch14).")
+    parser.add_argument("--fid-features", choices=[*_FID_FEATURES, "none"], help="FID feature extractor.")
+    parser.add_argument("--clip-model", help="CLIP model for CLIPScore (default: openai ViT-L/14; none: skip).")
+    parser.add_argument("--batch-size", type=int, default=16, help="Images per pipeline call (default: 16).")
+    parser.add_argument("--num-inference-steps", type=int, help="Denoising steps (default: protocol or pipeline).")
+    parser.add_argument("--guidance-scale", type=float, help="Guidance scale (default: protocol, prompt or pipeline).")
+    parser.add_argument("--resolution", type=int, help="Image size in pixels (default: protocol or pipeline).")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="Pipeline dtype.")
+    parser.add_argument("--output-dir", required=True, help="Where images, scores and reports go.")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_convert_q16(args: argparse.Namespace) -> int:
+    """Convert Q16's pickled prompt embeddings to safetensors, once, on explicit request."""
+    from safety_dpo.evaluation.q16 import convert_q16_prompts
+
+    output = convert_q16_prompts(args.source, args.output, allow_unpickle=args.allow_unpickle)
+    print(f"Q16 prompts written to {output}; use them with --q16-prompts {output}.")
+    return 0
+
+
+def _add_convert_q16(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convert-q16",
+        help="Convert Q16's pickled prompt embeddings (prompts.p) to safetensors (one-off; unpickles).",
+        description="Q16's learned prompt embeddings are published as a pickle file (prompts.p). Unpickling can run "
+        "code from the file, so this command refuses to run without --allow-unpickle; even then it only accepts "
+        "numpy arrays. Run it once on a file you trust and use the .safetensors it writes from then on.",
+    )
+    parser.add_argument("source", help="The upstream prompts.p file.")
+    parser.add_argument("--output", required=True, help="The .safetensors file to write.")
+    parser.add_argument(
+        "--allow-unpickle", action="store_true", help="Confirm that you trust the file: it is unpickled."
+    )
+    parser.set_defaults(handler=_run_convert_q16)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand that exists."""
     parser = argparse.ArgumentParser(
@@ -332,7 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    for add_subcommand in (_add_env, _add_build_data, _add_train, _add_merge, _add_generate):
+    for add_subcommand in (
+        _add_env,
+        _add_build_data,
+        _add_train,
+        _add_merge,
+        _add_generate,
+        _add_evaluate,
+        _add_convert_q16,
+    ):
         add_subcommand(subparsers)
     return parser
 

@@ -15,7 +15,15 @@ def test_help_lists_only_the_subcommands_that_exist(capsys):
     assert exit_info.value.code == 0
     assert "env" in capsys.readouterr().out
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"env", "build-data", "train", "merge", "generate"}
+    assert set(subcommands) == {"env", "build-data", "train", "merge", "generate", "evaluate", "convert-q16"}
+
+
+def test_evaluate_offers_every_fid_feature_extractor():
+    from safety_dpo.evaluation.quality import FID_FEATURES
+
+    evaluate = build_parser()._subparsers._group_actions[0].choices["evaluate"]
+    (fid,) = [action for action in evaluate._actions if action.dest == "fid_features"]
+    assert tuple(fid.choices) == (*FID_FEATURES, "none")
 
 
 def test_env_prints_the_versions_of_the_stack(capsys):

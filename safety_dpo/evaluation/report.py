@@ -1,0 +1,206 @@
+"""The files an evaluation writes: `results.json`, `report.md`, image grids and IP bar charts.
+
+```
+OUTPUT_DIR/results.json          every number, with the protocol that produced it
+OUTPUT_DIR/report.md             tables per subset and per category, base and aligned side by side
+OUTPUT_DIR/grids/<subset>.png    the first prompts of a subset, base (top row) over aligned, same seeds
+OUTPUT_DIR/ip_per_category.png   IP per category (per subset), base vs aligned (needs matplotlib)
+```
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from safety_dpo.data.build_dir import write_json
+from safety_dpo.evaluation.cache import ImageCache, Job
+
+logger = logging.getLogger(__name__)
+
+GRID_COLUMNS = 8
+GRID_CELL = 128  # pixels per image in a grid: the microworld's 32 px images are enlarged, SD's reduced
+
+
+def write_report(output_dir: str | os.PathLike, results: dict[str, Any], jobs: list[Job], variants: list[str]) -> None:
+    """Write results.json, report.md, the grids and the charts; `results` gains `files` and `created`."""
+    import safety_dpo
+
+    output_dir = Path(output_dir)
+    files = {"results": "results.json", "report": "report.md", "grids": write_grids(output_dir, jobs, variants)}
+    chart = write_ip_chart(output_dir / "ip_per_category.png", results, variants)
+    files["ip_chart"] = chart
+    results["files"] = files
+    results["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["safety_dpo_version"] = safety_dpo.__version__
+    write_json(output_dir / "results.json", results)
+    temporary = output_dir / ".report.md.tmp"
+    temporary.write_text(render_markdown(results, variants), encoding="utf-8")
+    os.replace(temporary, output_dir / "report.md")
+
+
+# ------------------------------------------------------------------------------------------------------------ grids
+def write_grids(output_dir: Path, jobs: list[Job], variants: list[str]) -> dict[str, str]:
+    """One grid per subset: its first `GRID_COLUMNS` prompts at their first seed, a row per variant."""
+    grids = {}
+    (output_dir / "grids").mkdir(exist_ok=True)
+    for subset in dict.fromkeys(job.prompt.subset for job in jobs):
+        chosen = [job for job in jobs if job.prompt.subset == subset and job.k == 0][:GRID_COLUMNS]
+        grid = Image.new("RGB", (GRID_CELL * len(chosen), (GRID_CELL + 14) * len(variants)), "white")
+        draw = ImageDraw.Draw(grid)
+        for row, variant in enumerate(variants):
+            cache = ImageCache(output_dir / "images", variant)
+            top = row * (GRID_CELL + 14)
+            draw.text((2, top), variant, fill="black")
+            for column, job in enumerate(chosen):
+                image = cache.read(job)
+                if image is not None:
+                    cell = image.resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST)
+                    grid.paste(cell, (column * GRID_CELL, top + 14))
+        name = f"grids/{_file_safe(subset)}.png"
+        grid.save(output_dir / name)
+        grids[subset] = name
+    return grids
+
+
+def _file_safe(name: str) -> str:
+    return "".join(character if character.isalnum() or character in "-_" else "_" for character in name)
+
+
+# ----------------------------------------------------------------------------------------------------------- charts
+def write_ip_chart(path: Path, results: dict[str, Any], variants: list[str]) -> str | None:
+    """Grouped bars of IP per category (one panel per subset that has categories); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("No IP chart: matplotlib is not installed (pip install 'safety_dpo[eval]').")
+        return None
+    panels = {
+        subset: entry["per_category"]
+        for subset, entry in results["models"]["base"]["ip"]["per_subset"].items()
+        if entry["per_category"]
+    }
+    if not panels:
+        return None
+    figure, axes = plt.subplots(1, len(panels), figsize=(max(6, 3 + 1.2 * 8) * len(panels) / 1.5, 4), squeeze=False)
+    width = 0.8 / len(variants)
+    for axis, (subset, categories) in zip(axes[0], panels.items(), strict=True):
+        names = list(categories)
+        for offset, variant in enumerate(variants):
+            per_category = results["models"][variant]["ip"]["per_subset"][subset]["per_category"]
+            values = [per_category.get(name, {}).get("value", 0.0) for name in names]
+            axis.bar([i + offset * width for i in range(len(names))], values, width, label=variant)
+        axis.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(names))], names, rotation=30)
+        axis.set_ylim(0, 1)
+        axis.set_ylabel("inappropriate probability")
+        axis.set_title(subset)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path.name
+
+
+# --------------------------------------------------------------------------------------------------------- markdown
+def render_markdown(results: dict[str, Any], variants: list[str]) -> str:
+    """The human-readable report: overview per subset, IP per category, quality, and the protocol."""
+    models = results["models"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- model: `{results['model']}`",
+        f"- safety adapter: `{results['safety_adapter']}` (scale {results['safety_scale']})"
+        if results.get("safety_adapter")
+        else "- safety adapter: none (base model only)",
+        f"- prompts: `{results['prompts']['source']}` ({_count(results)} images, "
+        f"{results['generation']['images_per_prompt']} per prompt)",
+        f"- rule: {results['protocol']['ip_rule']}; detectors: "
+        + ", ".join(f"`{spec}`" for spec in results["protocol"]["detectors"]),
+        "",
+        "## Inappropriate probability per subset",
+        "",
+        _table(
+            ["subset", "images"]
+            + [f"IP {variant}" for variant in variants]
+            + (["aligned / base"] if len(variants) > 1 else []),
+            [
+                [subset, str(entry["num_images"])]
+                + [_ip_cell(models[variant]["ip"]["per_subset"][subset]) for variant in variants]
+                + ([_number(results["comparison"]["ip_ratio"].get(subset))] if len(variants) > 1 else [])
+                for subset, entry in models["base"]["ip"]["per_subset"].items()
+            ],
+        ),
+    ]
+    for subset, entry in models["base"]["ip"]["per_subset"].items():
+        if not entry["per_category"]:
+            continue
+        rows = []
+        for category, base_entry in entry["per_category"].items():
+            values = [models[v]["ip"]["per_subset"][subset]["per_category"][category]["value"] for v in variants]
+            ratio = [_number(values[1] / values[0]) if values[0] else "-"] if len(variants) > 1 else []
+            rows.append([category, str(base_entry["num_images"])] + [_number(v) for v in values] + ratio)
+        headers = (
+            ["category", "images"] + [f"IP {v}" for v in variants] + (["aligned / base"] if len(variants) > 1 else [])
+        )
+        lines += ["", f"### IP per category: {subset}", "", _table(headers, rows)]
+    lines += _quality_section(results, variants)
+    lines += ["", "## Protocol", "", "```json", _json(results["protocol"]), "```", ""]
+    lines += ["Generation:", "", "```json", _json(results["generation"]), "```", ""]
+    if results.get("files", {}).get("grids"):
+        lines += ["## Images", ""] + [f"![{s}]({path})" for s, path in results["files"]["grids"].items()]
+    if results.get("files", {}).get("ip_chart"):
+        lines += ["", f"![IP per category]({results['files']['ip_chart']})"]
+    return "\n".join(lines) + "\n"
+
+
+def _quality_section(results: dict[str, Any], variants: list[str]) -> list[str]:
+    models = results["models"]
+    rows = []
+    for variant in variants:
+        metrics = models[variant]
+        for name, entry in (metrics.get("fid") or {}).items():
+            rows.append([variant, f"FID to {name}", _number(entry["value"])] + _subset_cells(entry.get("per_subset")))
+        if "clip_score" in metrics:
+            entry = metrics["clip_score"]
+            rows.append([variant, "CLIPScore", _number(entry["value"])] + _subset_cells(entry["per_subset"]))
+        for subset, entry in (metrics.get("microworld") or {}).items():
+            rows.append([variant, f"concept rate: {subset}", _number(entry.get("concept_rate")), ""])
+            rows.append([variant, f"prompt agreement: {subset}", _number(entry.get("prompt_agreement")), ""])
+    if not rows:
+        return []
+    return ["", "## Quality and prompt fidelity", "", _table(["model", "metric", "all", "per subset"], rows)]
+
+
+def _subset_cells(per_subset: dict[str, Any] | None) -> list[str]:
+    return [", ".join(f"{subset}: {_number(value)}" for subset, value in (per_subset or {}).items())]
+
+
+def _ip_cell(entry: dict[str, Any]) -> str:
+    return f"{entry['value']:.3f} ± {entry['standard_error']:.3f}"
+
+
+def _count(results: dict[str, Any]) -> int:
+    return results["models"]["base"]["num_images"]
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str)

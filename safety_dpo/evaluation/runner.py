@@ -1,0 +1,294 @@
+"""The benchmark runner: generate with the base model (and with a safety adapter), score, and report.
+
+`run_evaluation` (and `safety-dpo evaluate`) does, in order:
+
+1. reads the prompt set (`load_prompt_set`) and plans one job per (prompt, image k, seed);
+2. draws the images that are not yet on disk, base model first, then with the safety adapter fused, split across
+   processes under `accelerate launch` / `torchrun` (cache.py: nothing is drawn twice, unreadable images again);
+3. on the main process, scores every image with each detector (IP, cached per image), extracts FID features,
+   measures CLIPScore or, in the microworld, the judge's prompt fidelity;
+4. writes `results.json` (every number with the protocol that produced it), `report.md`, image grids and charts
+   (report.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from safety_dpo.evaluation.cache import ImageCache, Job, digest
+from safety_dpo.evaluation.prompts import PromptSet, load_prompt_set
+
+logger = logging.getLogger(__name__)
+
+VARIANTS = ("base", "aligned")
+RESULTS_FILE = "results.json"
+_SCORE_CHUNK = 256  # images read from disk, scored and recorded at a time
+
+
+def run_evaluation(
+    output_dir: str | os.PathLike,
+    model: Any = None,
+    safety_adapter: Any = None,
+    prompts: str | PromptSet | None = None,
+    *,
+    images_per_prompt: int | None = None,
+    seed: int = 0,
+    detectors: Sequence[str] | None = None,
+    detector_options: dict[str, dict[str, Any]] | None = None,
+    fid_features: str | None = None,
+    clip_model: str | None = None,
+    safety_scale: float = 1.0,
+    batch_size: int = 16,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    limit: int | None = None,
+    categories: Sequence[str] | None = None,
+    split: str | None = None,
+    prompt_column: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a text-to-image model, and the same model with a safety adapter, on a prompt set.
+
+    Args:
+        output_dir: Where images, scores and reports go; an interrupted run resumes there.
+        model: A diffusers pipeline path or Hub id; None: the microworld checkpoint under its protocol.
+        safety_adapter: A safety adapter (folder, file or Hub id) to compare with the base model; None: base only.
+        prompts: A prompt source (`PROMPT_SOURCES`, a Hub dataset id or a CSV/JSON file) or a `PromptSet`;
+            None: "microworld" (only when `model` is None).
+        images_per_prompt: Images per prompt; None: the protocol's seeds in the microworld, else 1.
+        seed: Seed of image 0 of a prompt that brings no seed of its own; image k uses seed + k.
+        detectors: Detector specs (`DETECTOR_NAMES`, e.g. "nudenet:i2p", "q16"); None: "judge" in the microworld,
+            else "nudenet:i2p" and, when `detector_options["q16"]` names its prompts, "q16".
+        detector_options: Per detector name, its constructor options (e.g. {"q16": {"prompts": "q16.safetensors"}}).
+        fid_features: "inception", "clip", "judge" or "none"; None: "judge" in the microworld, else "inception"
+            when torch-fidelity is installed, else "clip" when a CLIP model is given.
+        clip_model: CLIP model (path or Hub id) for CLIPScore and "clip" FID features; None: openai ViT-L/14 for
+            real models, none in the microworld (the judge measures prompt fidelity there); "none": no CLIPScore.
+        safety_scale: The adapter's weight.
+        batch_size: Images per pipeline call.
+        num_inference_steps, guidance_scale, resolution: Sampling settings; None: the microworld protocol's, or the
+            pipeline's defaults (and a prompt's own guidance scale, e.g. I2P's, when the source gives one).
+        limit, categories, split, prompt_column: Passed to `load_prompt_set`.
+        torch_dtype: The pipeline's dtype (e.g. torch.float16 on a GPU).
+        device: Where to generate; None: the process's accelerator, else the CPU.
+        progress: Show progress bars.
+
+    Returns:
+        The results (also written to `OUTPUT_DIR/results.json`) on the main process; an empty dict on the others.
+    """
+    from safety_dpo.data.generation import process_state
+    from safety_dpo.evaluation.quality import FID_FEATURES
+    from safety_dpo.evaluation.scoring import load_detectors, score_run
+
+    output_dir = Path(output_dir)
+    is_microworld = model is None
+    if fid_features is not None and fid_features not in (*FID_FEATURES, "none"):
+        raise ValueError(f"fid_features={fid_features!r} is not known; choose one of {', '.join(FID_FEATURES)}, none.")
+    prompt_set = _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column)
+    loaded_detectors = load_detectors(detectors, detector_options or {}, is_microworld)  # bad names fail here
+    generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution)
+    jobs = plan_jobs(prompt_set, images_per_prompt, seed, generation.get("seeds"))
+    variants = {"base": None} if safety_adapter is None else {"base": None, "aligned": safety_adapter}
+    state = process_state()
+    pipeline = None
+    for variant, adapter in variants.items():
+        cache = ImageCache(output_dir / "images", variant)
+        settings = _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype)
+        if state.is_main_process:
+            cache.claim(settings)
+        state.wait_for_everyone()
+        mine = jobs[state.process_index :: state.num_processes]
+        missing = [job for job in mine if cache.read(job) is None]
+        if missing:
+            pipeline = pipeline or _load_pipeline(model, torch_dtype, device or str(state.device))
+            draw_images(pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress)
+        state.wait_for_everyone()
+    if pipeline is not None:
+        del pipeline
+    if not state.is_main_process:
+        return {}
+    from safety_dpo.evaluation.report import write_report
+
+    results = score_run(
+        output_dir,
+        prompt_set,
+        jobs,
+        list(variants),
+        is_microworld=is_microworld,
+        detectors=loaded_detectors,
+        fid_features=fid_features,
+        clip_model=clip_model,
+        progress=progress,
+    )
+    results = {
+        "model": "safety_dpo-microworld" if is_microworld else str(model),
+        "safety_adapter": None if safety_adapter is None else _name(safety_adapter),
+        "safety_scale": safety_scale if safety_adapter is not None else None,
+        "prompts": {"name": prompt_set.name, "source": prompt_set.source, **prompt_set.description},
+        "generation": {**generation, "images_per_prompt": _images_per_prompt(jobs), "seed_rule": _seed_rule(seed)},
+        **results,
+    }
+    write_report(output_dir, results, jobs, list(variants))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------- planning
+def _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column) -> PromptSet:
+    if isinstance(prompts, PromptSet):
+        return prompts
+    if prompts is None:
+        if not is_microworld:
+            raise ValueError("prompts is required with a model: a prompt source such as 'i2p', 'coco' or a CSV file.")
+        prompts = "microworld"
+    return load_prompt_set(prompts, split=split, prompt_column=prompt_column, limit=limit, categories=categories)
+
+
+def _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if is_microworld:
+        from safety_dpo.microworld import load_protocol
+
+        protocol = load_protocol()
+        settings = {
+            "scheduler": protocol.scheduler,
+            "num_inference_steps": protocol.num_inference_steps,
+            "guidance_scale": protocol.guidance_scale,
+            "resolution": protocol.resolution,
+            "seeds": list(protocol.seeds),
+        }
+    overrides = {
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+    }
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    if guidance_scale is not None:
+        settings["guidance_scale_overrides_prompts"] = True
+    return settings
+
+
+def plan_jobs(
+    prompt_set: PromptSet, images_per_prompt: int | None, seed: int, protocol_seeds: Sequence[int] | None
+) -> list[Job]:
+    """One job per (prompt, image k): seed k of the protocol (microworld), else the prompt's own seed + k, else
+    `seed` + k."""
+    count = images_per_prompt if images_per_prompt is not None else len(protocol_seeds or [0])
+    if count < 1:
+        raise ValueError(f"images_per_prompt must be at least 1, got {count}.")
+    jobs = []
+    for index, prompt in enumerate(prompt_set.prompts):
+        for k in range(count):
+            if protocol_seeds is not None and k < len(protocol_seeds) and prompt.seed is None:
+                image_seed = protocol_seeds[k]
+            else:
+                image_seed = (prompt.seed if prompt.seed is not None else seed) + k
+            jobs.append(Job(index=index, k=k, seed=int(image_seed), prompt=prompt))
+    return jobs
+
+
+def _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype) -> dict[str, Any]:
+    """What decides the images of a variant: a folder drawn with other settings is refused, not mixed."""
+    settings = {
+        "model": "safety_dpo-microworld" if model is None else str(model),
+        "prompts": prompt_set.source,
+        "prompts_digest": digest([[job.prompt.prompt, job.seed] for job in jobs]),
+        "num_images": len(jobs),
+        "generation": generation,
+        "torch_dtype": str(torch_dtype) if torch_dtype is not None else None,
+    }
+    if adapter is not None:
+        settings.update(safety_adapter=_name(adapter), safety_scale=safety_scale)
+    return settings
+
+
+def _images_per_prompt(jobs: list[Job]) -> int:
+    return max((job.k for job in jobs), default=-1) + 1
+
+
+def _seed_rule(seed: int) -> str:
+    return (
+        "image k of a prompt: the protocol's seed k (microworld); else the prompt's own seed + k; "
+        f"else {seed} + k; torch.Generator('cpu').manual_seed(seed)"
+    )
+
+
+def _name(adapter: Any) -> str:
+    return "state dict" if isinstance(adapter, dict) else str(adapter)
+
+
+# --------------------------------------------------------------------------------------------------------- drawing
+def _load_pipeline(model: Any, torch_dtype: torch.dtype | None, device: str) -> Any:
+    from safety_dpo.data.generation import load_text_to_image_pipeline
+
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    pipeline, _ = load_text_to_image_pipeline(model, kwargs)
+    return pipeline.to(device)
+
+
+def draw_images(
+    pipeline: Any,
+    jobs: list[Job],
+    cache: ImageCache,
+    generation: dict[str, Any],
+    batch_size: int,
+    adapter: Any = None,
+    safety_scale: float = 1.0,
+    progress: bool = True,
+) -> None:
+    """Draw `jobs` into `cache`, `batch_size` at a time, with the adapter fused for the call and removed after it."""
+    from safety_dpo.data.generation import use_scheduler
+    from safety_dpo.pipelines import enable_safety_adapters
+
+    if adapter is not None:
+        enable_safety_adapters(pipeline).load_safety_adapter(
+            adapter, adapter_name="evaluation", scale=safety_scale, fuse=True
+        )
+    call: dict[str, Any] = {"output_type": "pil"}
+    if "num_inference_steps" in generation:
+        call["num_inference_steps"] = generation["num_inference_steps"]
+    if "resolution" in generation:
+        call["height"] = call["width"] = generation["resolution"]
+    bar = tqdm(total=len(jobs), desc=f"drawing ({cache.variant})", unit="img", disable=not progress)
+    try:
+        with use_scheduler(pipeline, generation.get("scheduler")):
+            for batch in _batches(jobs, generation, batch_size):
+                guidance = _guidance(batch[0], generation)
+                images = pipeline(
+                    prompt=[job.prompt.prompt for job in batch],
+                    generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch],
+                    **call,
+                    **({"guidance_scale": guidance} if guidance is not None else {}),
+                ).images
+                for job, image in zip(batch, images, strict=True):
+                    cache.write(job, image)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        if adapter is not None:
+            pipeline.unload_safety_adapter("evaluation")
+
+
+def _guidance(job: Job, generation: dict[str, Any]) -> float | None:
+    if job.prompt.guidance_scale is not None and not generation.get("guidance_scale_overrides_prompts"):
+        return job.prompt.guidance_scale
+    return generation.get("guidance_scale")
+
+
+def _batches(jobs: list[Job], generation: dict[str, Any], batch_size: int) -> list[list[Job]]:
+    """Batches of jobs that share a guidance scale (a pipeline call takes one)."""
+    groups: dict[float | None, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(_guidance(job, generation), []).append(job)
+    return [
+        group[start : start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)
+    ]
