@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_models import load_fixture_tokenizer
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from tiny_models import get_tiny_clip
 
 from safety_dpo.evaluation.ip import (
     any_flagged,
@@ -156,35 +155,7 @@ def test_inception_features_without_torch_fidelity_say_which_extra_to_install(mo
 # ------------------------------------------------------------------------------------------------------- CLIPScore
 @pytest.fixture(scope="module")
 def tiny_clip():
-    tokenizer = load_fixture_tokenizer()
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer,
-    )
-    return CLIPModel(config).eval(), processor
+    return get_tiny_clip()
 
 
 def test_clip_score_is_100_times_the_mean_cosine_of_the_embeddings(tiny_clip, renders):

@@ -180,3 +180,26 @@ def _tiny_vae(seed: int) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
     )
+
+
+def get_tiny_clip(seed: int = 0):
+    """A tiny seeded `CLIPModel` (text and vision towers, 16-d projection) and its `CLIPProcessor` on 32 px images,
+    for CLIPScore and CLIP features; random weights, so its scores mean nothing but its plumbing is real."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = load_fixture_tokenizer()
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {
+        **tower,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(seed)
+    model = CLIPModel(
+        CLIPConfig(text_config=text, vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -90,7 +90,8 @@ def write_ip_chart(path: Path, results: dict[str, Any], variants: list[str]) -> 
     }
     if not panels:
         return None
-    figure, axes = plt.subplots(1, len(panels), figsize=(max(6, 3 + 1.2 * 8) * len(panels) / 1.5, 4), squeeze=False)
+    panel_width = max(4.0, 2.0 + 0.9 * max(len(categories) for categories in panels.values()))
+    figure, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 4), squeeze=False)
     width = 0.8 / len(variants)
     for axis, (subset, categories) in zip(axes[0], panels.items(), strict=True):
         names = list(categories)

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 VARIANTS = ("base", "aligned")
 RESULTS_FILE = "results.json"
-_SCORE_CHUNK = 256  # images read from disk, scored and recorded at a time
 
 
 def run_evaluation(
@@ -131,7 +130,7 @@ def run_evaluation(
         progress=progress,
     )
     results = {
-        "model": "safety_dpo-microworld" if is_microworld else str(model),
+        "model": _model_id(model),
         "safety_adapter": None if safety_adapter is None else _name(safety_adapter),
         "safety_scale": safety_scale if safety_adapter is not None else None,
         "prompts": {"name": prompt_set.name, "source": prompt_set.source, **prompt_set.description},
@@ -199,7 +198,7 @@ def plan_jobs(
 def _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype) -> dict[str, Any]:
     """What decides the images of a variant: a folder drawn with other settings is refused, not mixed."""
     settings = {
-        "model": "safety_dpo-microworld" if model is None else str(model),
+        "model": _model_id(model),
         "prompts": prompt_set.source,
         "prompts_digest": digest([[job.prompt.prompt, job.seed] for job in jobs]),
         "num_images": len(jobs),
@@ -220,6 +219,16 @@ def _seed_rule(seed: int) -> str:
         "image k of a prompt: the protocol's seed k (microworld); else the prompt's own seed + k; "
         f"else {seed} + k; torch.Generator('cpu').manual_seed(seed)"
     )
+
+
+def _model_id(model: Any) -> str:
+    from safety_dpo.data.generation import MICROWORLD_MODEL
+
+    if model is None:
+        return MICROWORLD_MODEL
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return str(getattr(model, "name_or_path", None) or type(model).__name__)  # a pipeline object
 
 
 def _name(adapter: Any) -> str:
