@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from tiny_models import random_unet_lora
 
 from safety_dpo.cli import main
 from safety_dpo.evaluation import runner
@@ -26,13 +27,7 @@ FAST = {"limit": 1, "progress": False}  # one prompt per microworld subset, the 
 @pytest.fixture(scope="module")
 def adapter_file(tmp_path_factory) -> str:
     """A random LoRA on the microworld UNet's cross-attention, strong enough to change what it draws."""
-    unet = load_pipeline().unet
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(("attn2.to_k", "attn2.to_v")):
-            state[f"unet.{name}.lora_A.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.3
-            state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.3
+    state = random_unet_lora(load_pipeline().unet, 0, 4, ("attn2.to_k", "attn2.to_v"), scale_down=0.3, scale_up=0.3)
     path = tmp_path_factory.mktemp("adapter") / "pytorch_lora_weights.safetensors"
     save_file(state, str(path))
     return str(path)
@@ -358,12 +353,7 @@ def test_a_real_model_with_an_adapter_reports_fid_to_the_base_model(tiny_sd, tmp
     from diffusers import StableDiffusionPipeline
 
     unet = StableDiffusionPipeline.from_pretrained(tiny_sd / "sd").unet
-    generator = torch.Generator().manual_seed(1)
-    state = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(("attn2.to_k", "attn2.to_v")):
-            state[f"unet.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=generator)
-            state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=generator)
+    state = random_unet_lora(unet, 1, 2, ("attn2.to_k", "attn2.to_v"), scale_up=1.0)
     save_file(state, str(tmp_path / "adapter.safetensors"))
     results = run_evaluation(
         tmp_path / "out",

@@ -11,7 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
-from tiny_models import get_dummy_sd_components
+from tiny_models import ATTENTION_PROJECTIONS, attention_layers, get_dummy_sd_components, random_unet_lora
 
 from safety_dpo.cli import main
 from safety_dpo.data.generation import config_digest
@@ -19,7 +19,7 @@ from safety_dpo.merging import CoMergeConfig, MergedAdapter, co_merge, functions
 from safety_dpo.merging.calibration import ActivationRecorder, calibration_groups, choose_prompts
 from safety_dpo.merging.experts import LoraExpert, expert_from_state_dict, load_expert
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TARGETS = ATTENTION_PROJECTIONS
 WEIGHTS = "pytorch_lora_weights.safetensors"
 PROMPTS = {"violence": ["a knife", "a gun and blood"], "sexual": ["a naked woman", "a nude person"]}
 ALL_PROMPTS = PROMPTS["violence"] + PROMPTS["sexual"]
@@ -32,22 +32,9 @@ def tiny_pipeline() -> StableDiffusionPipeline:
     return pipeline
 
 
-def attention_layers(unet) -> dict[str, torch.nn.Linear]:
-    return {
-        name: module
-        for name, module in unet.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".attn" in name and name.endswith(TARGETS)
-    }
-
-
 def random_lora(unet, seed: int, rank: int = 2) -> dict[str, torch.Tensor]:
     """A seeded UNet LoRA state dict in diffusers' format over the tiny UNet's attention projections."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in attention_layers(unet).items():
-        state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator)
-        state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.1
-    return state
+    return random_unet_lora(unet, seed, rank, scale_up=0.1)
 
 
 def make_expert(directory, unet, seed: int, category: str = "violence", rank: int = 2, alpha=None, **info):

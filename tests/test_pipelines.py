@@ -13,7 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
-from tiny_models import get_dummy_sd_components, get_dummy_sdxl_components
+from tiny_models import attention_layers, get_dummy_sd_components, get_dummy_sdxl_components, random_unet_lora
 
 from safety_dpo.data.generation import config_digest
 from safety_dpo.hub import push_folder
@@ -23,7 +23,6 @@ from safety_dpo.pipelines.safe_pipelines import (
     enable_safety_adapters,
 )
 
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
@@ -40,23 +39,9 @@ def sdxl_pipeline() -> StableDiffusionXLSafePipeline:
     return pipeline
 
 
-def attention_layers(unet) -> dict[str, torch.nn.Linear]:
-    """The tiny UNet's attention projections; call it before any LoRA wraps them."""
-    return {
-        name: module
-        for name, module in unet.named_modules()
-        if isinstance(module, torch.nn.Linear) and ".attn" in name and name.endswith(TARGETS)
-    }
-
-
 def random_lora(unet, seed: int, rank: int = 2) -> dict[str, torch.Tensor]:
     """A seeded diffusers-format UNet LoRA over the attention projections, large enough to change the output."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in attention_layers(unet).items():
-        state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator)
-        state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
-    return state
+    return random_unet_lora(unet, seed, rank, scale_up=0.5)
 
 
 def write_adapter(directory, state: dict[str, torch.Tensor], **metadata):

@@ -203,3 +203,33 @@ def get_tiny_clip(seed: int = 0):
     )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model.eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def attention_layers(unet, suffixes: tuple[str, ...] = ATTENTION_PROJECTIONS) -> dict[str, torch.nn.Linear]:
+    """A UNet's attention projections ending in `suffixes`; call it before any LoRA wraps them."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".attn" in name and name.endswith(suffixes)
+    }
+
+
+def random_unet_lora(
+    unet,
+    seed: int,
+    rank: int = 2,
+    suffixes: tuple[str, ...] = ATTENTION_PROJECTIONS,
+    scale_down: float = 1.0,
+    scale_up: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """A seeded diffusers-format UNet LoRA (`unet.<layer>.lora_A/B.weight`) over the attention projections ending in
+    `suffixes`; the scales set how much it changes the output (the defaults change the tiny models' clearly)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in attention_layers(unet, suffixes).items():
+        state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * scale_down
+        state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * scale_up
+    return state
