@@ -21,6 +21,7 @@ _LAZY_EXPORTS: dict[str, str] = {
     "enable_safety_adapters": ".pipelines.safe_pipelines",
     "co_merge": ".merging.co_merge",
     "run_evaluation": ".evaluation.runner",
+    "align": ".align",
 }
 
 __all__ = ["__version__", *_LAZY_EXPORTS]

@@ -443,6 +443,61 @@ def _add_convert_q16(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_convert_q16)
 
 
+def _run_align(args: argparse.Namespace) -> int:
+    """The main job: data, experts, merge, evaluation, in one resumable run."""
+    from safety_dpo.align import align, render_summary
+
+    evaluation = {"images_per_prompt": args.images_per_prompt} if args.images_per_prompt else {}
+    summary = align(
+        args.output_dir,
+        model=args.model,
+        categories=args.categories,
+        prompt_writer=args.prompt_writer,
+        merge_method=args.merge_method,
+        pairs_per_concept=args.pairs_per_concept,
+        training_flags=args.extra,
+        evaluation_prompts=args.evaluation_prompts,
+        evaluation=evaluation,
+        llm_model=args.llm_model,
+        seed=args.seed,
+        push_to_hub=args.push_to_hub,
+    )
+    print(render_summary(summary))
+    print(f"Load the adapter with pipe.load_safety_adapter({summary['adapter']!r}).")
+    if summary.get("pushed"):
+        print(f"Pushed: {summary['pushed']}")
+    return 0
+
+
+def _add_align(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "align",
+        help="The main job: build CoProV2, train one expert per category, merge them, evaluate (default: microworld).",
+        description="Make a model safe in one command: build a CoProV2 dataset with the model, train one SafetyDPO "
+        "expert per harm category, merge them with Co-Merge into one safety adapter, and evaluate base vs aligned. "
+        "With no arguments: the microworld, all categories, output in ./safety-dpo-align. Every stage resumes where it "
+        "stopped when the command is run again with the same arguments. SafetyDPOConfig / TrainingArguments fields "
+        "are accepted as flags for the experts (--learning_rate 1e-4, --max_steps 500, --bf16, ...).",
+    )
+    parser.add_argument("--output-dir", default="safety-dpo-align", help="Where everything goes.")
+    parser.add_argument("--model", help="Path or Hub id of an SD 1.x/2.x or SDXL pipeline (default: microworld).")
+    parser.add_argument("--categories", type=_comma_list, help="Comma-separated categories (default: all).")
+    parser.add_argument(
+        "--prompt-writer",
+        default="template",
+        help="template | transformers:MODEL_ID | openai:BASE_URL (default: template, the microworld's grammar).",
+    )
+    parser.add_argument("--llm-model", help="Model name to request from an openai:BASE_URL server.")
+    parser.add_argument("--merge-method", default="co_merge", help="co_merge (default), linear, ties, dare_ties, ...")
+    parser.add_argument("--pairs-per-concept", type=int, default=10, help="CoProV2 pairs per concept (default 10).")
+    parser.add_argument("--evaluation-prompts", help="Prompt source of the evaluation (default: microworld, or the "
+                        "test split of the alignment's own CoProV2 build).")  # fmt: skip
+    parser.add_argument("--images-per-prompt", type=int, help="Evaluation images per prompt.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the data build and the merge (default 0).")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the merged adapter to this Hub repo.")
+    parser.set_defaults(handler=_run_align, takes_config_flags=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand that exists."""
     parser = argparse.ArgumentParser(
@@ -460,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generate,
         _add_evaluate,
         _add_convert_q16,
+        _add_align,
     ):
         add_subcommand(subparsers)
     return parser

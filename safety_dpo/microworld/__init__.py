@@ -5,12 +5,13 @@
 - `render(prompt, seed)`: the procedural renderer (the world's ground truth);
 - `load_judge()`: the image classifier that plays Q16/NudeNet, Inception and CLIP;
 - `checkpoint_path()`: the tiny Stable Diffusion checkpoint that lives in the world (`load_pipeline()` loads it);
+- `reference_adapter_path()`: the safety adapter that `safety-dpo align` makes for it, shipped with the package;
 - `evaluate_pipeline`, `score_images` and the metrics, under one `Protocol`.
 
 See docs/microworld.md.
 """
 
-from safety_dpo.microworld.checkpoint import checkpoint_path, load_pipeline
+from safety_dpo.microworld.checkpoint import checkpoint_path, load_pipeline, reference_adapter_path
 from safety_dpo.microworld.evaluate import evaluate_pipeline, protocol_prompts, score_images
 from safety_dpo.microworld.grammar import PromptItem, parse_prompt, sample_prompts, to_safe_prompt
 from safety_dpo.microworld.judge import Judge, load_judge
@@ -42,6 +43,7 @@ __all__ = [
     "parse_prompt",
     "prompt_agreement",
     "protocol_prompts",
+    "reference_adapter_path",
     "render",
     "sample_prompts",
     "score_images",

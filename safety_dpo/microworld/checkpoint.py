@@ -30,13 +30,12 @@ def checkpoint_path() -> Path:
     Raises:
         FileNotFoundError: If the package was installed without it; the message says how to train one.
     """
-    path = Path(__file__).parent / "assets" / "checkpoint"
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"The microworld checkpoint is missing from {str(path)!r}. Reinstall safety_dpo, or train it with "
-            "`python examples/microworld/train_microworld.py --output-dir <dir>` and load it from that folder."
-        )
-    return path
+    return _asset(
+        "checkpoint",
+        "model_index.json",
+        "The microworld checkpoint",
+        "train it with `python examples/microworld/train_microworld.py --output-dir <dir>` and load it from that folder",
+    )
 
 
 def microworld_vocabulary() -> list[str]:
@@ -61,3 +60,26 @@ def load_pipeline(path: str | os.PathLike | None = None, **kwargs):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(path or checkpoint_path(), **kwargs)
+
+
+def reference_adapter_path() -> Path:
+    """The folder of the microworld's reference safety adapter: the merged adapter that `safety-dpo align` (no
+    arguments) writes, shipped so that `pipe.load_safety_adapter(reference_adapter_path())` works at once.
+
+    Raises:
+        FileNotFoundError: If the package was installed without it; the message says how to make it.
+    """
+    return _asset(
+        "reference_adapter",
+        "pytorch_lora_weights.safetensors",
+        "The microworld's reference adapter",
+        "make it with `safety-dpo align` and load OUTPUT_DIR/safety-adapter",
+    )
+
+
+def _asset(folder: str, marker: str, what: str, how_to_make: str) -> Path:
+    """A folder shipped under assets/, checked by a file it must hold."""
+    path = Path(__file__).parent / "assets" / folder
+    if not (path / marker).is_file():
+        raise FileNotFoundError(f"{what} is missing from {str(path)!r}. Reinstall safety_dpo, or {how_to_make}.")
+    return path
