@@ -135,7 +135,12 @@ def align(
         for index, category in enumerate(chosen, start=1):
             logger.info("Expert %d/%d: %s", index, len(chosen), category)
             train_experts(
-                data_dir, experts_dir / category, model=model, category=category, disable_tqdm=not progress, **training_settings
+                data_dir,
+                experts_dir / category,
+                model=model,
+                category=category,
+                disable_tqdm=not progress,
+                **training_settings,
             )
     with _stage(output_dir, state, "merge", 3):
         from safety_dpo.merging import co_merge
@@ -148,7 +153,12 @@ def align(
 
         prompts = evaluation_prompts or (None if model is None else f"coprov2-test:{data_dir}")
         results = run_evaluation(
-            evaluation_dir, model=model, safety_adapter=adapter_dir, prompts=prompts, progress=progress, **(evaluation or {})
+            evaluation_dir,
+            model=model,
+            safety_adapter=adapter_dir,
+            prompts=prompts,
+            progress=progress,
+            **(evaluation or {}),
         )
         _add_evaluation_to_card(adapter_dir, results)
     summary = _summary(output_dir, state, chosen)
@@ -222,7 +232,9 @@ class _stage:
 
     def __enter__(self) -> None:
         done = self.name in self.state["stages"]
-        logger.info("Stage %d/%d: %s%s", self.number, len(STAGES), self.name, " (finished; reading it back)" if done else "")
+        logger.info(
+            "Stage %d/%d: %s%s", self.number, len(STAGES), self.name, " (finished; reading it back)" if done else ""
+        )
         self.start = time.perf_counter()
 
     def __exit__(self, error_type, *_: Any) -> None:

@@ -37,6 +37,14 @@ _ADAPTER_TAGS = ["safety_dpo", "safety", "lora", "text-to-image", "stable-diffus
 _DATASET_TAGS = ["safety_dpo", "safety", "preference", "text-to-image", "not-for-all-audiences"]
 
 
+def hub_id_or_none(name: Any) -> str | None:
+    """`name` when it reads as a Hub repo id ("org/name", not an existing local path), else None: cards link Hub
+    ids in their metadata (`base_model`, `datasets`), never local folders."""
+    if isinstance(name, str) and name.count("/") == 1 and not Path(name).exists():
+        return name
+    return None
+
+
 def render_model_card(
     template: str = ADAPTER_CARD_TEMPLATE,
     *,

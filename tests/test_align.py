@@ -99,6 +99,7 @@ def test_the_adapter_card_and_metadata_carry_the_evaluation(aligned):
     assert metadata["kind"] == "merged" and sorted(metadata["categories"]) == CATEGORIES
     assert metadata["evaluation"] == summary["evaluation"]
     card = (output_dir / "safety-adapter/README.md").read_text()
+    assert "datasets:" not in card.split("---")[1]  # the local CoProV2 folder is not presented as a Hub dataset
     assert card.count("## Evaluation (safety-dpo align)") == 1  # written once, even though the stage ran twice
     assert f"| IP unsafe: aligned | {summary['evaluation']['IP unsafe: aligned']:.3f} |" in card
 

@@ -15,7 +15,7 @@ def test_help_lists_only_the_subcommands_that_exist(capsys):
     assert exit_info.value.code == 0
     assert "env" in capsys.readouterr().out
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"env", "build-data", "train", "merge", "generate", "evaluate", "convert-q16"}
+    assert set(subcommands) == {"env", "build-data", "train", "merge", "generate", "evaluate", "convert-q16", "align"}
 
 
 def test_evaluate_offers_every_fid_feature_extractor():

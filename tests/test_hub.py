@@ -296,3 +296,13 @@ def test_rendered_cards_push_and_load_back(hub):
 
     assert ModelCard.load("tester/adapter").data.base_model == "tiny/sd"
     assert DatasetCard.load("tester/pairs", repo_type="dataset").data.pretty_name == "Pairs"
+
+
+def test_hub_id_or_none_keeps_hub_ids_and_drops_local_paths(tmp_path, monkeypatch):
+    from safety_dpo.hub import hub_id_or_none
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "data").mkdir(parents=True)
+    assert hub_id_or_none("my-org/coprov2") == "my-org/coprov2"
+    assert hub_id_or_none("runs/data") is None  # exists here: a local folder
+    assert hub_id_or_none("/tmp/a/b") is None and hub_id_or_none("coprov2") is None and hub_id_or_none(None) is None

@@ -4,8 +4,8 @@
     python examples/microworld/ship_reference_adapter.py safety-dpo-align
     python examples/microworld/ship_reference_adapter.py safety-dpo-align --compare other-run   # reproducibility
 
-The adapter's weights, `safety_dpo.json` and card go to `safety_dpo/microworld/assets/reference_adapter/`, with the
-run's `summary.md`. `--compare` prints the largest difference between the weights of two runs' adapters.
+The adapter's weights, `safety_dpo.json` (with the evaluation) and card go to
+`safety_dpo/microworld/assets/reference_adapter/`. `--compare` prints the largest difference between the weights of two runs' adapters.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ def main() -> None:
     DESTINATION.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copy2(adapter / name, DESTINATION / name)
-    shutil.copy2(args.run / "summary.md", DESTINATION / "align_summary.md")
     print(f"Reference adapter written to {DESTINATION}.")
 
 

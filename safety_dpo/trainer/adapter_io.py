@@ -87,16 +87,17 @@ def load_lora_into_unet(unet: Any, directory: str | os.PathLike, adapter_name: s
 
 def write_card(output_dir: str | os.PathLike, metadata: dict[str, Any], repo_id: str | None = None) -> None:
     """Render the adapter card for an expert and save it as `README.md`."""
-    from safety_dpo.hub import render_model_card
+    from safety_dpo.hub import hub_id_or_none, render_model_card
 
     base_model = metadata.get("base_model")
-    on_hub = isinstance(base_model, str) and base_model.count("/") == 1 and not Path(base_model).exists()
+    on_hub = hub_id_or_none(base_model) is not None
+    dataset = hub_id_or_none(metadata.get("dataset"))
     card = render_model_card(
         repo_id=repo_id,
         base_model=base_model if on_hub else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        datasets=[metadata["dataset"]] if metadata.get("dataset") and "/" in str(metadata["dataset"]) else None,
+        datasets=[dataset] if dataset else None,
         description=f"A SafetyDPO safety expert trained on {str(base_model)!r}." if not on_hub else None,
         categories=metadata.get("categories"),
         concepts=metadata.get("concepts") or None,
