@@ -1,0 +1,95 @@
+"""The microworld experiments (examples/microworld/experiments/) on a reduced configuration: two categories, two
+pairs per concept, a few steps, one test prompt per subset. They must run, resume, and write their tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).parents[1] / "examples" / "microworld" / "experiments"
+REDUCED = ["--categories", "violence,sexual", "--pairs-per-concept", "2", "--max-steps", "4", "--limit", "1"]
+
+
+def load(name: str):
+    sys.path.insert(0, str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    common = load("common")
+    return common.build_data(tmp_path_factory.mktemp("data") / "coprov2", ["violence", "sexual"], 2)
+
+
+def rows_of(directory: Path) -> list[dict]:
+    table = json.loads((directory / "table.json").read_text())
+    assert table["command"].startswith("python examples/microworld/experiments/")
+    assert (directory / "table.md").read_text().startswith(f"# {table['title']}")
+    return table["rows"]
+
+
+def test_the_merging_ablation_measures_experts_all_single_and_merges(tmp_path, dataset):
+    variants = "co_merge lora_factor/shared,linear"
+    load("merging_ablation").main(
+        ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED, "--variants", variants]
+    )
+    rows = rows_of(tmp_path)
+    names = [row["name"] for row in rows]
+    assert names == ["base", "expert violence", "expert sexual", "All-single", "co_merge lora_factor/shared", "linear"]
+    assert rows[0]["neutral_fidelity_ratio"] == 1.0
+    assert rows[1]["ip_per_category"] and set(rows[1]["ip_per_category"]) <= {"violence", "sexual"}
+    state = json.loads((tmp_path / "all-single" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8  # the experts' total: 2 x 4 steps
+
+
+def test_the_merging_ablation_rejects_an_unknown_variant(tmp_path, dataset):
+    with pytest.raises(SystemExit):
+        load("merging_ablation").main(["--output-dir", str(tmp_path), "--dataset", str(dataset), "--variants", "mean"])
+
+
+def test_the_dpo_strategy_ablation_trains_each_setting_per_category(tmp_path, dataset):
+    load("dpo_strategy").main(["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED])
+    rows = rows_of(tmp_path)
+    assert len(rows) == 2 * 6  # per category: the base and five settings
+    assert {row["category"] for row in rows} == {"violence", "sexual"}
+    assert {row["name"] for row in rows} >= {"condition unsafe", "condition safe", "loss hinge", "loss ipo"}
+    config = json.loads((tmp_path / "experts" / "loss_ipo" / "violence" / "safety_dpo.json").read_text())
+    assert config["training"]["loss_type"] == "ipo"
+
+
+def test_the_concept_scaling_compares_co_merge_and_all_single_per_share(tmp_path, dataset):
+    load("concept_scaling").main(
+        ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED, "--shares", "0.25,1"]
+    )
+    rows = rows_of(tmp_path)
+    assert [(row["name"], row["concepts"]) for row in rows] == [
+        ("Co-Merge", 4), ("All-single", 4), ("Co-Merge", 16), ("All-single", 16)
+    ]  # fmt: skip
+    assert rows[0].get("ip_kept") is not None and rows[2].get("ip_kept") is None  # nothing is kept when all are removed
+    assert "0.95x base" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "scaling.png").is_file()
+
+
+def test_the_data_scaling_builds_and_trains_per_size(tmp_path):
+    load("data_scaling").main(
+        ["--output-dir", str(tmp_path), *REDUCED[:1], "violence", *REDUCED[4:], "--pairs", "2,4"]
+    )
+    rows = rows_of(tmp_path)
+    assert [row.get("pairs_per_concept") for row in rows] == [None, 2, 4]
+    assert rows[2]["train_pairs"] > rows[1]["train_pairs"]
+
+
+def test_a_rerun_resumes_without_training_again(tmp_path, dataset, monkeypatch):
+    arguments = ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED, "--variants", "linear"]
+    load("merging_ablation").main(arguments)
+    from safety_dpo.trainer.trainer import SafetyDPOTrainer
+
+    monkeypatch.setattr(SafetyDPOTrainer, "train", lambda *args, **kwargs: pytest.fail("trained again"))
+    assert "| linear |" in load("merging_ablation").main(arguments)
