@@ -83,6 +83,21 @@ class ImageCache:
     def path(self, job: Job) -> Path:
         return self.directory / job.file_name
 
+    def has(self, job: Job) -> bool:
+        """Whether `job`'s image is on disk and intact (PNG chunks and checksums, without decoding the pixels); an
+        unreadable file is removed, so that it is drawn again."""
+        path = self.path(job)
+        if not path.is_file():
+            return False
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            return True
+        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on truncated or foreign files
+            logger.warning("Cached image %s is unreadable (%s); it will be drawn again.", path, error)
+            path.unlink(missing_ok=True)
+            return False
+
     def read(self, job: Job) -> Image.Image | None:
         """The cached image of `job`, or None when it is missing or unreadable (an unreadable file is removed)."""
         path = self.path(job)

@@ -107,7 +107,7 @@ def run_evaluation(
             cache.claim(settings)
         state.wait_for_everyone()
         mine = jobs[state.process_index :: state.num_processes]
-        missing = [job for job in mine if cache.read(job) is None]
+        missing = [job for job in mine if not cache.has(job)]
         if missing:
             pipeline = pipeline or _load_pipeline(model, torch_dtype, device or str(state.device))
             draw_images(pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress)
