@@ -75,7 +75,8 @@ def train_expert(
 
 
 def merge(experts: Sequence[Path], output_dir: Path, **config: Any) -> Path:
-    """Merge experts (co_merge or a baseline) into `output_dir`, unless a merge is already there."""
+    """Merge experts (co_merge or a baseline) into `output_dir`, unless a merge is already there. Pass
+    `calibration_dataset`: the dataset an expert names may be a path relative to where it was trained."""
     from safety_dpo.merging import CoMergeConfig, co_merge
 
     if not (output_dir / "safety_dpo.json").is_file():

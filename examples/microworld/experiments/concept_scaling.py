@@ -84,7 +84,7 @@ def main(argv=None) -> str:
             experts.append(
                 reuse or common.train_expert(dataset, out / label / "experts" / category, [category], settings, mine)
             )
-        merged = common.merge(experts, out / label / "co_merge")
+        merged = common.merge(experts, out / label / "co_merge", calibration_dataset=str(dataset))
         total = {**settings, "max_steps": settings["max_steps"] * len(categories)}
         single = (args.all_single if every and args.all_single else None) or common.train_expert(
             dataset, out / label / "all-single", categories, total, concepts
