@@ -45,6 +45,8 @@ def test_the_merging_ablation_measures_experts_all_single_and_merges(tmp_path, d
     assert names == ["base", "expert violence", "expert sexual", "All-single", "co_merge lora_factor/shared", "linear"]
     assert rows[0]["neutral_fidelity_ratio"] == 1.0
     assert rows[1]["ip_per_category"] and set(rows[1]["ip_per_category"]) <= {"violence", "sexual"}
+    merged = json.loads((tmp_path / "merged" / "co_merge_lora_factor-shared" / "safety_dpo.json").read_text())
+    assert merged["merge_config"]["calibration_dataset"] == str(dataset)
     state = json.loads((tmp_path / "all-single" / "trainer_state.json").read_text())
     assert state["global_step"] == 8  # the experts' total: 2 x 4 steps
 
@@ -72,7 +74,9 @@ def test_the_concept_scaling_compares_co_merge_and_all_single_per_share(tmp_path
     assert [(row["name"], row["concepts"]) for row in rows] == [
         ("Co-Merge", 4), ("All-single", 4), ("Co-Merge", 16), ("All-single", 16)
     ]  # fmt: skip
-    assert rows[0].get("ip_kept") is not None and rows[2].get("ip_kept") is None  # nothing is kept when all are removed
+    assert (
+        rows[0].get("ip_kept") is not None and rows[2].get("ip_kept") is None
+    )  # nothing is kept when all are removed
     assert "0.95x base" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "scaling.png").is_file()
 

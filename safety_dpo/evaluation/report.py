@@ -60,7 +60,10 @@ def write_grids(output_dir: Path, jobs: list[Job], variants: list[str]) -> dict[
             for column, job in enumerate(chosen):
                 image = cache.read(job)
                 if image is not None:
-                    cell = image.resize((GRID_CELL, GRID_CELL), Image.Resampling.NEAREST)
+                    # Enlarged pixels stay sharp squares; reduced images are filtered.
+                    small = image.width < GRID_CELL
+                    resample = Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS
+                    cell = image.resize((GRID_CELL, GRID_CELL), resample)
                     grid.paste(cell, (column * GRID_CELL, top + 14))
         name = f"grids/{_file_safe(subset)}.png"
         grid.save(output_dir / name)

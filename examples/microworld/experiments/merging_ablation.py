@@ -63,11 +63,10 @@ def main(argv=None) -> str:
     candidates = {f"expert {c}": expert for c, expert in zip(categories, experts, strict=True)}
     candidates["All-single"] = all_single
     for name in chosen:
-        candidates[name] = common.merge(
-            experts, out / "merged" / name.replace(" ", "_").replace(",", ""), **VARIANTS[name]
-        )
+        config = {"calibration_dataset": str(dataset), **VARIANTS[name]}
+        candidates[name] = common.merge(experts, out / "merged" / slug(name), **config)
     for name, adapter in candidates.items():
-        results = common.evaluate(adapter, out / "eval" / name.replace(" ", "_").replace(",", ""), prompts, base_dir)
+        results = common.evaluate(adapter, out / "eval" / slug(name), prompts, base_dir)
         rows.append(common.row(name, results))
     columns = {**COLUMNS, **{f"ip_{c}": f"IP {c}" for c in categories}}
     for entry in rows:
