@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from safety_dpo.data.build_dir import write_text
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("data", "experts", "merge", "evaluate")
@@ -162,7 +164,7 @@ def align(
         )
         _add_evaluation_to_card(adapter_dir, results)
     summary = _summary(output_dir, state, chosen)
-    _write_text(output_dir / "summary.md", render_summary(summary))
+    write_text(output_dir / "summary.md", render_summary(summary))
     if push_to_hub:
         from safety_dpo.hub import push_folder
 
@@ -196,20 +198,15 @@ def given_training_flags(flags: Sequence[str]) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------- stages, state
 def _claim(output_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The alignment's state, created with `settings` or read back; other settings are refused."""
-    from safety_dpo.data.build_dir import write_json
+    from safety_dpo.data.build_dir import differences, write_json
 
     path = output_dir / ALIGN_FILE
     if path.is_file():
         state = json.loads(path.read_text())
-        stored = state["settings"]
-        differences = [
-            f"{key}: {stored.get(key)!r} there, {settings.get(key)!r} now"
-            for key in sorted(set(stored) | set(settings))
-            if stored.get(key) != settings.get(key)
-        ]
-        if differences:
+        differing = differences(state["settings"], settings)
+        if differing:
             raise FileExistsError(
-                f"{str(output_dir)!r} holds an alignment with other settings (" + "; ".join(differences) + "); use "
+                f"{str(output_dir)!r} holds an alignment with other settings (" + "; ".join(differing) + "); use "
                 "another --output-dir, or the same settings to resume it."
             )
         return state
@@ -265,7 +262,7 @@ def _add_evaluation_to_card(adapter_dir: Path, results: dict[str, Any]) -> None:
             + rows
             + "\n"
         )
-        _write_text(card, text)
+        write_text(card, text)
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
@@ -332,9 +329,3 @@ def _format(value: Any, percent: bool = False) -> str:
     if percent:
         return f"{100 * value:.0f} %"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

@@ -50,10 +50,10 @@ class BuildDirectory:
         if build_file.is_file():
             stored = json.loads(build_file.read_text())
             if stored.get("format") != FORMAT_VERSION or stored.get("settings") != settings:
-                differences = _differences(stored.get("settings", {}), settings)
+                differing = differences(stored.get("settings", {}), settings)
                 raise FileExistsError(
                     f"output_dir={str(self.path)!r} holds another CoProV2 build; settings that differ: "
-                    f"{'; '.join(differences) or 'format version'}. Use a new output directory, or the same "
+                    f"{'; '.join(differing) or 'format version'}. Use a new output directory, or the same "
                     "settings to resume that build."
                 )
             return
@@ -137,13 +137,19 @@ def _quiet_datasets() -> Iterator[None]:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (a temporary file, then a rename)."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically (a temporary file, then a rename)."""
     path = Path(path)
     temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 
-def _differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings that differ between a folder's recorded ones and the current ones, one line each."""
     keys = sorted(set(stored) | set(current))
     return [
         f"{key}: {stored.get(key)!r} there, {current.get(key)!r} now"

@@ -22,12 +22,13 @@ from typing import Any
 
 from PIL import Image
 
-from safety_dpo.data.build_dir import write_json
+from safety_dpo.data.build_dir import differences, write_json
 from safety_dpo.evaluation.prompts import EvalPrompt
 
 logger = logging.getLogger(__name__)
 
 GENERATION_FILE = "generation.json"
+_UNREADABLE = (OSError, SyntaxError, ValueError)  # what PIL raises on truncated or foreign files
 
 
 @dataclass(frozen=True)
@@ -65,16 +66,11 @@ class ImageCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / GENERATION_FILE
         if path.is_file():
-            stored = json.loads(path.read_text())
-            differences = [
-                f"{key}: {stored.get(key)!r} there, {settings.get(key)!r} now"
-                for key in sorted(set(stored) | set(settings))
-                if stored.get(key) != settings.get(key)
-            ]
-            if differences:
+            differing = differences(json.loads(path.read_text()), settings)
+            if differing:
                 raise FileExistsError(
                     f"{str(self.directory)!r} holds {self.variant} images drawn with other settings ("
-                    + "; ".join(differences)
+                    + "; ".join(differing)
                     + "). Use another --output-dir, or delete that folder to draw them again."
                 )
             return
@@ -93,9 +89,8 @@ class ImageCache:
             with Image.open(path) as image:
                 image.verify()
             return True
-        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on truncated or foreign files
-            logger.warning("Cached image %s is unreadable (%s); it will be drawn again.", path, error)
-            path.unlink(missing_ok=True)
+        except _UNREADABLE as error:
+            _discard(path, error)
             return False
 
     def read(self, job: Job) -> Image.Image | None:
@@ -107,9 +102,8 @@ class ImageCache:
             with Image.open(path) as image:
                 image.load()
                 return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:  # what PIL raises on truncated or foreign files
-            logger.warning("Cached image %s is unreadable (%s); it will be drawn again.", path, error)
-            path.unlink(missing_ok=True)
+        except _UNREADABLE as error:
+            _discard(path, error)
             return None
 
     def write(self, job: Job, image: Image.Image) -> None:
@@ -117,6 +111,11 @@ class ImageCache:
         temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         image.save(temporary, format="PNG")
         os.replace(temporary, path)
+
+
+def _discard(path: Path, error: Exception) -> None:
+    logger.warning("Cached image %s is unreadable (%s); it will be drawn again.", path, error)
+    path.unlink(missing_ok=True)
 
 
 class ScoreCache:

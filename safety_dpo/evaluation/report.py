@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from safety_dpo.data.build_dir import write_json
+from safety_dpo.data.build_dir import write_json, write_text
 from safety_dpo.evaluation.cache import ImageCache, Job
 
 logger = logging.getLogger(__name__)
@@ -39,9 +39,7 @@ def write_report(output_dir: str | os.PathLike, results: dict[str, Any], jobs: l
     results["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results["safety_dpo_version"] = safety_dpo.__version__
     write_json(output_dir / "results.json", results)
-    temporary = output_dir / ".report.md.tmp"
-    temporary.write_text(render_markdown(results, variants), encoding="utf-8")
-    os.replace(temporary, output_dir / "report.md")
+    write_text(output_dir / "report.md", render_markdown(results, variants))
 
 
 # ------------------------------------------------------------------------------------------------------------ grids
