@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import pytest
+from processes import run_on_two_processes
 from tiny_models import get_dummy_sd_components
 
 from safety_dpo.data import COLUMNS, CoProV2Builder, PromptWriterError, WrittenPairs, raw_bytes_features
@@ -327,19 +324,7 @@ print("processes:", PartialState().num_processes, "index:", PartialState().proce
 def test_a_build_split_across_processes_equals_a_single_process_build(reference, tmp_path):
     script = tmp_path / "build.py"
     script.write_text(SCRIPT.format(concepts=CONCEPTS))
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as probe:  # a free port for the processes to meet on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run(
-        [*torchrun, str(script), str(tmp_path / "out")], capture_output=True, text=True, env=environment, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(line for line in result.stdout.splitlines() if line.startswith("processes:")) == [
-        "processes: 2 index: 0",
-        "processes: 2 index: 1",
-    ]
+    run_on_two_processes(script, str(tmp_path / "out"))
     assert rows_of(datasets.load_from_disk(str(tmp_path / "out"))) == rows_of(reference[1])
 
 

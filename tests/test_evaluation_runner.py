@@ -4,14 +4,11 @@ scoring twice, that it redraws unreadable images, that it refuses to mix setting
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
+from processes import run_on_two_processes
 from safetensors.torch import save_file
 from tiny_models import random_unet_lora
 
@@ -285,19 +282,7 @@ def test_drawing_split_across_two_processes_gives_the_single_process_images(tmp_
     run_evaluation(single, **FAST)
     script = tmp_path / "evaluate.py"
     script.write_text(SCRIPT)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run(
-        [*torchrun, str(script), str(tmp_path / "split")], capture_output=True, text=True, env=environment, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(line for line in result.stdout.splitlines() if line.startswith("processes:")) == [
-        "processes: 2 index: 0",
-        "processes: 2 index: 1",
-    ]
+    run_on_two_processes(script, str(tmp_path / "split"))
     names = sorted(path.name for path in (single / "images" / "base").glob("*.png"))
     assert names == sorted(path.name for path in (tmp_path / "split" / "images" / "base").glob("*.png"))
     split_results = json.loads((tmp_path / "split" / "results.json").read_text())
