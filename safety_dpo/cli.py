@@ -172,6 +172,10 @@ def _comma_floats(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from error
 
 
+def _merge_weights(value: str) -> list[float] | str:
+    return value if value == "mean" else _comma_floats(value)
+
+
 _MERGE_OPTIONS = (
     "method",
     "granularity",
@@ -235,16 +239,16 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("experts", nargs="+", metavar="EXPERT", help="Expert folder, .safetensors file or Hub id.")
     parser.add_argument("--output-dir", required=True, help="Where the merged adapter is written.")
     parser.add_argument("--method", choices=METHODS, help="co_merge (default) or a baseline.")
-    parser.add_argument(
-        "--granularity", choices=GRANULARITIES, help="What competes in Co-Merge (default: lora_factor)."
-    )
+    parser.add_argument("--granularity", choices=GRANULARITIES, help="What competes in Co-Merge (default: row).")
     parser.add_argument("--inputs", choices=INPUTS, help="Calibration inputs of Co-Merge (default: shared).")
     parser.add_argument("--model", help="Path or Hub id of the experts' base pipeline (default: from the experts).")
     parser.add_argument("--calibration-dataset", help="CoProV2 folder or Hub id (default: the experts' dataset).")
     parser.add_argument("--num-calibration-prompts", type=int, help="Calibration prompts per category.")
     parser.add_argument("--num-timesteps", type=int, help="Denoising steps per calibration generation.")
     parser.add_argument("--calibration-batch-size", type=int, help="Prompts per calibration generation.")
-    parser.add_argument("--weights", type=_comma_floats, help="Comma-separated weight per expert.")
+    parser.add_argument(
+        "--weights", type=_merge_weights, help="Comma-separated weight per expert, or 'mean' (1/K each)."
+    )
     parser.add_argument("--density", type=float, help="Share of weights kept by ties/dare/magnitude_prune.")
     parser.add_argument("--storage", choices=STORAGES, help="exact, svd or auto (default).")
     parser.add_argument("--rank", type=int, help="Rank of the SVD re-factorisation.")

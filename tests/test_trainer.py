@@ -7,8 +7,7 @@ import json
 import datasets
 import pytest
 import torch
-from PIL import Image
-from tiny_models import IMAGE_SIZE, get_dummy_sd_components, get_dummy_sdxl_components
+from tiny_models import IMAGE_SIZE, get_dummy_sd_components, get_dummy_sdxl_components, tiny_pairs
 from transformers import TrainerCallback
 
 from safety_dpo.data import CoProV2Builder
@@ -46,22 +45,6 @@ def lora_and_base_weights(trainer: SafetyDPOTrainer) -> tuple[dict, dict]:
     for name, parameter in trainer.components.unet.named_parameters():
         (lora if "lora_" in name else base)[name] = parameter.detach().clone()
     return lora, base
-
-
-def tiny_pairs(num_rows: int = 4, size: int = IMAGE_SIZE) -> datasets.Dataset:
-    """Pairs of plain-coloured images for the tiny pipelines (which draw noise and cannot make real pairs)."""
-    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
-    rows = {
-        "jpg_0": [Image.new("RGB", (size, size), colours[i % 4]) for i in range(num_rows)],
-        "jpg_1": [Image.new("RGB", (size, size), colours[(i + 1) % 4]) for i in range(num_rows)],
-        "label_0": [1.0] * num_rows,
-        "caption": [f"a knife number {i}" for i in range(num_rows)],
-        "unsafe_prompt": [f"a knife number {i}" for i in range(num_rows)],
-        "safe_prompt": [f"a spoon number {i}" for i in range(num_rows)],
-        "category": ["violence"] * num_rows,
-        "concept": ["knife"] * num_rows,
-    }
-    return datasets.Dataset.from_dict(rows)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -165,7 +148,8 @@ def test_save_model_writes_a_diffusers_lora_its_description_and_a_card(pairs, tm
     assert metadata["concepts"] == {"hate": ["nazi"], "violence": ["gun", "knife"]}
     assert metadata["dataset"] == "org/coprov2-micro"
     assert metadata["lora"] == {"rank": 4, "alpha": 4.0, "target_modules": ["to_k", "to_q", "to_v", "to_out.0"],
-                                "dropout": 0.0}  # fmt: skip
+                                "dropout": 0.0, "init_sha256": trainer.lora_init_sha256}  # fmt: skip
+    assert len(trainer.lora_init_sha256) == 64
     assert metadata["training"]["beta"] == 2500.0 and metadata["training"]["steps"] == 4
     assert metadata["unet_config_sha256"] == trainer.components.unet_fingerprint
     assert "SafetyDPO safety" in (expert / "README.md").read_text()

@@ -233,3 +233,22 @@ def random_unet_lora(
         state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * scale_down
         state[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * scale_up
     return state
+
+
+def tiny_pairs(num_rows: int = 4, size: int = IMAGE_SIZE, category: str = "violence"):
+    """Pairs of plain-coloured images for the tiny pipelines (which draw noise and cannot make real pairs)."""
+    import datasets
+    from PIL import Image
+
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    rows = {
+        "jpg_0": [Image.new("RGB", (size, size), colours[i % 4]) for i in range(num_rows)],
+        "jpg_1": [Image.new("RGB", (size, size), colours[(i + 1) % 4]) for i in range(num_rows)],
+        "label_0": [1.0] * num_rows,
+        "caption": [f"a knife number {i}" for i in range(num_rows)],
+        "unsafe_prompt": [f"a knife number {i}" for i in range(num_rows)],
+        "safe_prompt": [f"a spoon number {i}" for i in range(num_rows)],
+        "category": [category] * num_rows,
+        "concept": ["knife"] * num_rows,
+    }
+    return datasets.Dataset.from_dict(rows)

@@ -53,7 +53,11 @@ class ActivationRecorder:
         self.statistics = tuple(statistics)
         self.recording: list[int] = []
         self.active: int | None = None
-        self.modules = {layer: _linear(unet, layer, experts[0].name) for layer in experts[0].layers}
+        owners = {}  # every targeted layer -> the first expert that targets it (experts may target different layers)
+        for expert in experts:
+            for layer in expert.layers:
+                owners.setdefault(layer, expert.name)
+        self.modules = {layer: _linear(unet, layer, owner) for layer, owner in owners.items()}
         device = next(unet.parameters()).device
         # The factors move to the model's device once, not in every hook call.
         self.factors = [
@@ -61,7 +65,7 @@ class ActivationRecorder:
             for expert in experts
         ]
         self.sums: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in experts]
-        self.counts: list[dict[str, int]] = [dict.fromkeys(self.modules, 0) for _ in experts]
+        self.counts: list[dict[str, int]] = [dict.fromkeys(expert.layers, 0) for expert in experts]
         self._handles: list = []
         self._stack_cache: dict = {}
 
@@ -91,9 +95,10 @@ class ActivationRecorder:
     def _hook(self, layer: str):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             inputs = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (N, in)
-            if self.recording:
-                self._record(layer, inputs)
-            if self.active is None:
+            recording = tuple(index for index in self.recording if layer in self.factors[index])
+            if recording:
+                self._record(layer, inputs, recording)
+            if self.active is None or layer not in self.factors[self.active]:
                 return None
             up, down = self.factors[self.active][layer]
             delta_output = (inputs @ down.T) @ up.T  # (N, out)
@@ -101,24 +106,25 @@ class ActivationRecorder:
 
         return hook
 
-    def _record(self, layer: str, inputs: torch.Tensor) -> None:
+    def _record(self, layer: str, inputs: torch.Tensor, recording: tuple[int, ...]) -> None:
+        """Accumulate the statistics of the recording experts that target `layer`."""
         count = inputs.shape[0]
         if "input" in self.statistics:
             input_sum = inputs.abs().sum(0)  # the same for every recording expert
-            for index in self.recording:
+            for index in recording:
                 _accumulate(self.sums[index].setdefault(layer, {}), "input", input_sum)
         if "hidden" in self.statistics or "output" in self.statistics:
-            ups, downs, ranks = self._stacked(layer, tuple(self.recording))
+            ups, downs, ranks = self._stacked(layer, recording)
             hidden = inputs @ downs.T  # (N, sum r): every recording expert's A_e x in one product
             hidden_sums = hidden.abs().sum(0).split(ranks)
             output_sums = self._output_sums(hidden, ups, ranks) if "output" in self.statistics else None
-            for position, index in enumerate(self.recording):
+            for position, index in enumerate(recording):
                 sums = self.sums[index].setdefault(layer, {})
                 if "hidden" in self.statistics:
                     _accumulate(sums, "hidden", hidden_sums[position])
                 if output_sums is not None:
                     _accumulate(sums, "output", output_sums[position])
-        for index in self.recording:
+        for index in recording:
             self.counts[index][layer] += count
 
     def _stacked(self, layer: str, recording: tuple[int, ...]):

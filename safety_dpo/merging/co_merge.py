@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from safety_dpo.merging import functions
 from safety_dpo.merging.adapter import MergedAdapter
 from safety_dpo.merging.calibration import calibration_groups, choose_prompts, collect_statistics
 from safety_dpo.merging.config import CoMergeConfig
-from safety_dpo.merging.experts import LoraExpert, load_experts
+from safety_dpo.merging.experts import LoraExpert, check_shared_initialisation, load_experts
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def co_merge(
 
     Args:
         experts: Expert folders (`safety-dpo train` outputs), `.safetensors` files, Hub ids or UNet LoRA state dicts.
-        config: How to merge; `CoMergeConfig()` (factor-wise Co-Merge on shared inputs) by default.
+        config: How to merge; `CoMergeConfig()` (row-wise Co-Merge on shared inputs) by default.
         pipeline: The experts' base model, for calibration: a pipeline, a path or Hub id. None: the `base_model` in
             the experts' `safety_dpo.json` (the microworld when they name none). Baselines need no pipeline.
         **hub_kwargs: `huggingface_hub` download arguments for experts given by Hub id (`revision`, `token`, ...).
@@ -39,11 +40,13 @@ def co_merge(
     """
     config = config or CoMergeConfig()
     loaded = load_experts(list(experts), **hub_kwargs)
-    weights = config.weights or [1.0] * len(loaded)
+    weights = config.expert_weights(len(loaded))
     if len(weights) != len(loaded):
         raise ValueError(f"CoMergeConfig.weights has {len(weights)} entries for {len(loaded)} experts; give one each.")
     logger.info("Merging %d experts with %s.", len(loaded), config.describe())
     statistics, calibration = None, None
+    if config.method == "co_merge" and config.granularity == "lora_factor":
+        check_shared_initialisation(loaded)
     if config.method == "co_merge":
         loaded = [_weighted(expert, weight) for expert, weight in zip(loaded, weights, strict=True)]
         if len(loaded) > 1:  # one expert wins everything: nothing to calibrate
@@ -69,26 +72,47 @@ def merge_layers(
     weights: list[float],
     statistics: list[dict[str, dict[str, torch.Tensor]]] | None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
-    """Merge every layer; return layer -> (up, down) and the report (win shares, SVD errors)."""
+    """Merge every layer any expert targets; return layer -> (up, down) and the report (win shares, agreement with
+    the data-free pick, SVD errors).
+
+    A layer is merged among the experts that target it; an expert that does not target a layer adds nothing there,
+    as a zero delta would, so experts on disjoint layers merge to their union.
+    """
     merged, errors = {}, {}
     wins = [0.0] * len(experts)
-    for number, layer in enumerate(experts[0].layers):
-        ups = [expert.layers[layer][0] for expert in experts]
-        downs = [expert.layers[layer][1] for expert in experts]
-        exact, delta, shares = _merge_layer(layer, number, ups, downs, experts, config, weights, statistics)
-        if exact is not None and config.storage != "svd":
-            merged[layer] = exact
+    differing, compared = 0, 0
+    layers = list(dict.fromkeys(layer for expert in experts for layer in expert.layers))
+    for number, layer in enumerate(layers):
+        present = [index for index, expert in enumerate(experts) if layer in expert.layers]
+        members = [experts[index] for index in present]
+        ups = [expert.layers[layer][0] for expert in members]
+        downs = [expert.layers[layer][1] for expert in members]
+        layer_weights = [weights[index] for index in present]
+        layer_statistics = None if statistics is None else [statistics[index] for index in present]
+        result = _merge_layer(layer, number, ups, downs, members, config, layer_weights, layer_statistics)
+        if result.exact is not None and config.storage != "svd":
+            merged[layer] = result.exact
         else:
-            delta = delta if delta is not None else exact[0] @ exact[1]
+            delta = result.delta if result.delta is not None else result.exact[0] @ result.exact[1]
             rank = config.rank or sum(down.shape[0] for down in downs)
             up, down, error = functions.refactorize(delta, rank)
             merged[layer], errors[layer] = (up, down), round(error, 6)
-        wins = [total + share for total, share in zip(wins, shares, strict=True)]
+        for index, share in zip(present, result.shares, strict=True):
+            wins[index] += share
+        if result.winners:
+            free = functions.data_free_winners(config.granularity, ups, downs)
+            for name, winners in result.winners.items():
+                differing += int((winners != free[name]).sum())
+                compared += winners.numel()
     report: dict[str, Any] = {"storage": "svd" if errors else "exact"}
     if config.method == "co_merge":
         report["win_share"] = {
-            expert.name: round(total / len(experts[0].layers), 4) for expert, total in zip(experts, wins, strict=True)
+            expert.name: round(total / len(layers), 4) for expert, total in zip(experts, wins, strict=True)
         }
+    if compared:
+        # How data-dependent this merge was: the share of winners that differ from what the same rule picks with no
+        # calibration data (a plain magnitude pick, `functions.data_free_winners`).
+        report["data_free_disagreement"] = round(differing / compared, 6)
     if errors:
         report["svd_relative_error"] = {
             "mean": round(sum(errors.values()) / len(errors), 6),
@@ -98,15 +122,22 @@ def merge_layers(
     return merged, report
 
 
-def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics):
-    """One layer: (exact (up, down) or None, merged delta or None, each expert's share of the won weights)."""
+@dataclass
+class _LayerMerge:
+    exact: tuple[torch.Tensor, torch.Tensor] | None  # (up, down) when the merge is exactly a LoRA
+    delta: torch.Tensor | None  # the merged delta otherwise
+    shares: list[float]  # each participating expert's share of the weights it won
+    winners: dict[str, torch.Tensor] = field(default_factory=dict)  # Co-Merge's winners, by what competed
+
+
+def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics) -> _LayerMerge:
     count = len(experts)
+    even = [1.0 / count] * count
     if config.method == "linear":
-        shares = [1.0 / count] * count
         if config.storage != "svd":
-            return functions.concatenate_weighted(ups, downs, weights), None, shares
+            return _LayerMerge(functions.concatenate_weighted(ups, downs, weights), None, even)
         deltas = [up @ down for up, down in zip(ups, downs, strict=True)]
-        return None, functions.baseline_merge("linear", deltas, torch.tensor(weights)), shares
+        return _LayerMerge(None, functions.baseline_merge("linear", deltas, torch.tensor(weights)), even)
     if config.method != "co_merge":
         deltas = [up @ down for up, down in zip(ups, downs, strict=True)]
         with torch.random.fork_rng(devices=[]):
@@ -114,29 +145,25 @@ def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics
             delta = functions.baseline_merge(
                 config.method, deltas, torch.tensor(weights), config.density, config.majority_sign_method
             )
-        return None, delta, [1.0 / count] * count
-    if statistics is None:  # a single expert
-        return (ups[0], downs[0]), None, [1.0]
+        return _LayerMerge(None, delta, even)
+    if count == 1:  # one expert targets this layer (or only one was given): it wins everything there
+        return _LayerMerge((ups[0], downs[0]), None, [1.0])
     stats = [expert_statistics[layer] for expert_statistics in statistics]
     if config.granularity == "row":
         up, down, winners = functions.co_merge_rows(ups, downs, torch.stack([stat["output"] for stat in stats]))
-        return (up, down), None, _shares(winners, count)
+        return _LayerMerge((up, down), None, _shares(winners, count), {"rows": winners})
     inputs = torch.stack([stat["input"] for stat in stats])
     if config.granularity == "element":
         delta, winners = functions.co_merge_elements(
             torch.stack([up @ down for up, down in zip(ups, downs, strict=True)]), inputs
         )
-        return None, delta, _shares(winners, count)
-    ranks = {down.shape[0] for down in downs}
-    if len(ranks) > 1:
-        names = {expert.name: down.shape[0] for expert, down in zip(experts, downs, strict=True)}
-        raise ValueError(f"granularity='lora_factor' needs experts of one rank; layer {layer!r} has ranks {names}.")
+        return _LayerMerge(None, delta, _shares(winners, count), {"elements": winners})
     hidden = torch.stack([stat["hidden"] for stat in stats])
     up, down, up_winners, down_winners = functions.co_merge_lora_factors(
         torch.stack(ups), torch.stack(downs), inputs, hidden
     )
     shares = [(a + b) / 2 for a, b in zip(_shares(up_winners, count), _shares(down_winners, count), strict=True)]
-    return (up, down), None, shares
+    return _LayerMerge((up, down), None, shares, {"up": up_winners, "down": down_winners})
 
 
 def _calibrate(experts: list[LoraExpert], config: CoMergeConfig, pipeline: Any):
@@ -217,6 +244,9 @@ def _shared_metadata(experts: list[LoraExpert]) -> dict[str, Any]:
         for category, names in (expert.metadata.get("concepts") or {}).items():
             concepts.setdefault(category, [])
             concepts[category] += [name for name in names if name not in concepts[category]]
+    targets = dict.fromkeys(
+        module for expert in experts for module in ((expert.metadata.get("lora") or {}).get("target_modules") or [])
+    )
     datasets = Counter(expert.metadata.get("dataset") for expert in experts if expert.metadata.get("dataset"))
     return {
         "base_model": first.get("base_model"),
@@ -225,5 +255,5 @@ def _shared_metadata(experts: list[LoraExpert]) -> dict[str, Any]:
         "categories": categories,
         "concepts": concepts,
         "dataset": datasets.most_common(1)[0][0] if datasets else None,
-        "target_modules": (first.get("lora") or {}).get("target_modules"),
+        "target_modules": list(targets) or None,
     }

@@ -30,14 +30,15 @@ class CoMergeConfig:
     Co-Merge (SafetyDPO, Sec. 3.3) gives every weight to the expert that is most *active* on it over calibration
     inputs. Read naively (element-wise activation `|dW_e[i, j] x_j|` on the base model's inputs) the input factor is
     the same for every expert and the rule is plain magnitude selection; the variants below make the data matter.
-    docs/merging.md compares them on the microworld, which chose the default (factor-wise, shared inputs).
+    docs/merging.md compares them on the microworld, which chose the default (row-wise, shared inputs).
 
     Parameters:
         method: "co_merge", or a baseline computed with `peft.utils.merge_utils` on the experts' delta weights:
             "linear" (task arithmetic: the weighted sum), "ties", "dare_linear", "dare_ties", "magnitude_prune".
         granularity: What competes in Co-Merge. "row": each output row `(dW_e x)_i`; "element": each weight
             `|dW_e[i, j]| mean|x_j|`; "lora_factor": each entry of the experts' own factors A_e (`|A_e[k, j] x_j|`)
-            and B_e (`|B_e[i, k] h_k|`, `h = A_e x`).
+            and B_e (`|B_e[i, k] h_k|`, `h = A_e x`), allowed only for experts that record the same initial factors
+            (`safety_dpo.json` `lora.init_sha256`): a LoRA's factors are defined only up to a change of basis.
         inputs: Where the calibration inputs x of expert e come from. "shared": the base model on all calibration
             prompts (one pass for all experts); "own_category": the base model on the prompts of e's own categories;
             "with_expert": the model with e active, on all calibration prompts (one pass per expert).
@@ -49,8 +50,10 @@ class CoMergeConfig:
         calibration_batch_size: Prompts per calibration generation.
         guidance_scale: Classifier-free guidance of the calibration generations; None: the pipeline's default (for
             the microworld, its protocol's).
-        weights: One weight per expert (default 1.0 each). Co-Merge scales each expert's delta by it before merging;
-            the baselines pass it to peft's functions.
+        weights: One weight per expert (default 1.0 each), or "mean" (1/K each: "linear" is then the average of the
+            deltas, not their K-times-stronger sum). A weight multiplies its expert's delta weight `B_e A_e`, as in
+            peft's delta-level combinations (`add_weighted_adapter`'s "cat", "svd" and "*_svd"); Co-Merge scales
+            each delta by it before merging, the baselines pass it to `peft.utils.merge_utils`.
         density: Share of weights kept by "ties", "dare_*" and "magnitude_prune".
         majority_sign_method: "total" or "frequency", for "ties" and "dare_ties".
         storage: "exact" (a LoRA whose product is the merged delta: row-wise Co-Merge and "linear" at the sum of the
@@ -61,9 +64,9 @@ class CoMergeConfig:
     """
 
     method: Method = field(default="co_merge", metadata={"help": f"One of {', '.join(METHODS)}."})
-    # lora_factor: the only variant that kept every category's IP within 1.2x of its own expert for both expert sets
-    # measured on the microworld (docs/merging.md), at the lowest calibration cost and the experts' own rank.
-    granularity: Granularity = field(default="lora_factor", metadata={"help": f"One of {', '.join(GRANULARITIES)}."})
+    # row: the only Co-Merge variant that is exact as a LoRA and depends on the experts' delta weights alone (not on
+    # how each is factored), and whose winners the calibration data really moves (docs/merging.md).
+    granularity: Granularity = field(default="row", metadata={"help": f"One of {', '.join(GRANULARITIES)}."})
     inputs: Inputs = field(default="shared", metadata={"help": f"One of {', '.join(INPUTS)}."})
     calibration_prompts: list[str] | dict[str, list[str]] | None = field(
         default=None, metadata={"help": "Calibration prompts (list or category -> list); None: from the dataset."}
@@ -75,7 +78,9 @@ class CoMergeConfig:
     num_timesteps: int = field(default=10, metadata={"help": "Denoising steps per calibration generation."})
     calibration_batch_size: int = field(default=16, metadata={"help": "Prompts per calibration generation."})
     guidance_scale: float | None = field(default=None, metadata={"help": "Calibration guidance; None: default."})
-    weights: list[float] | None = field(default=None, metadata={"help": "One weight per expert; None: 1.0 each."})
+    weights: list[float] | Literal["mean"] | None = field(
+        default=None, metadata={"help": "One weight per expert, or 'mean' (1/K each); None: 1.0 each."}
+    )
     density: float = field(default=0.5, metadata={"help": "Share of weights kept by ties/dare/magnitude_prune."})
     majority_sign_method: Literal["total", "frequency"] = field(
         default="total", metadata={"help": "Sign election of ties/dare_ties: total or frequency."}
@@ -97,7 +102,13 @@ class CoMergeConfig:
             raise ValueError(f"CoMergeConfig.density={self.density!r} must be in (0, 1].")
         if self.rank is not None and int(self.rank) < 1:
             raise ValueError(f"CoMergeConfig.rank={self.rank!r} must be a positive integer or None.")
-        if self.weights is not None:
+        if isinstance(self.weights, str):
+            if self.weights != "mean":
+                raise ValueError(
+                    f"CoMergeConfig.weights={self.weights!r} is not supported; give one number per expert, 'mean' "
+                    "(1/K each) or None (1.0 each)."
+                )
+        elif self.weights is not None:
             self.weights = [float(weight) for weight in self.weights]
         if isinstance(self.calibration_prompts, (list, tuple)) and not self.calibration_prompts:
             raise ValueError("CoMergeConfig.calibration_prompts is empty; give prompts or None (from the dataset).")
@@ -107,6 +118,12 @@ class CoMergeConfig:
                 "product of the experts' factors. Use storage='svd' or 'auto', or method='linear' or "
                 "co_merge with granularity 'row' or 'lora_factor'."
             )
+
+    def expert_weights(self, count: int) -> list[float]:
+        """The weight of each of `count` experts: `weights`, 1/K each for "mean", 1.0 each for None."""
+        if self.weights == "mean":
+            return [1.0 / count] * count
+        return list(self.weights) if self.weights is not None else [1.0] * count
 
     @property
     def allows_exact_storage(self) -> bool:

@@ -123,8 +123,10 @@ def load_expert(expert: Any, index: int = 0, weight_name: str | None = None, **h
 def expert_from_state_dict(
     state: dict[str, torch.Tensor], name: str, metadata: dict[str, Any] | None = None, lora_config: dict | None = None
 ) -> LoraExpert:
-    """Parse a UNet LoRA state dict (diffusers/PEFT keys, with or without the "unet." prefix; older
-    "lora.down/up" keys are converted by diffusers) into layers with the scale folded in.
+    """Parse a UNet LoRA state dict into layers with the scale folded in: diffusers/PEFT keys, with or without the
+    "unet." prefix (what `safety-dpo train`, diffusers' `train_diffusion_dpo.py` and other diffusers scripts save),
+    older "lora.down/up" and attention-processor keys, and Kohya-style "lora_unet_*" files, the last two converted
+    by diffusers' own `lora_state_dict`.
 
     The scale of a layer is `alpha / r`, alpha taken from `.alpha` keys, else from `lora_config` (the PEFT config
     diffusers stores in the file), else from `metadata["lora"]`, else alpha = r (diffusers' default).
@@ -142,6 +144,7 @@ def expert_from_state_dict(
             f"Expert {name!r} has text-encoder LoRA weights ({text_encoder[0]}, ...); merging handles UNet LoRAs "
             "(what `safety-dpo train` writes) only."
         )
+    state, network_alphas = _from_other_formats(state, name)
     state = {key.removeprefix("unet."): value for key, value in state.items()}
     if not any("lora" in key for key in state):
         sample = ", ".join(sorted(state)[:3]) or "no keys at all"
@@ -150,6 +153,7 @@ def expert_from_state_dict(
             "diffusers-format LoRA (pytorch_lora_weights.safetensors), not a model checkpoint."
         )
     alphas = {key.removesuffix(".alpha"): float(value) for key, value in state.items() if key.endswith(".alpha")}
+    alphas.update(network_alphas)
     state = convert_unet_state_dict_to_peft({key: value for key, value in state.items() if not key.endswith(".alpha")})
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -179,9 +183,35 @@ def expert_from_state_dict(
     return LoraExpert(name=name, layers=layers, metadata=metadata)
 
 
+def _from_other_formats(state: dict[str, torch.Tensor], name: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Kohya-style ("lora_unet_*") and attention-processor ("*.processor.to_q_lora.down.weight") LoRAs in diffusers'
+    keys, with their alphas by layer, through diffusers' `lora_state_dict` (the conversion `load_lora_weights` uses).
+    Other state dicts pass through unchanged."""
+    if not any(key.startswith("lora_unet_") or ".processor." in key for key in state):
+        return state, {}
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    try:
+        converted, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(state))
+    except (ValueError, KeyError, IndexError) as error:
+        raise ValueError(
+            f"Expert {name!r} looks like a Kohya or attention-processor LoRA, but diffusers cannot convert it "
+            f"({error}); save it in diffusers' format (pipe.load_lora_weights, then pipe.save_lora_weights) first."
+        ) from error
+    alphas = {}
+    for key, alpha in (network_alphas or {}).items():  # "unet.<module>.processor.to_q_lora.down.weight.alpha"
+        weight_key = key.removesuffix(".alpha").removeprefix("unet.")
+        weight_key = weight_key if weight_key.endswith(".weight") else f"{weight_key}.weight"
+        (peft_key,) = convert_unet_state_dict_to_peft({weight_key: torch.zeros(())})
+        alphas[peft_key.split(".lora_")[0]] = float(alpha)
+    return converted, alphas
+
+
 def check_compatible(experts: list[LoraExpert]) -> None:
-    """Raise if the experts cannot be merged: different architectures or base UNets (fingerprints), different
-    targeted layers, or different layer shapes. A different `base_model` name with the same fingerprint warns.
+    """Raise if the experts cannot be merged: different architectures or base UNets (fingerprints), or different
+    shapes of a layer they both target. A different `base_model` name with the same fingerprint warns; different
+    targeted layers are fine (each layer is merged among the experts that target it).
 
     Raises:
         ValueError: Naming the first expert that differs from the first one, and how.
@@ -204,20 +234,50 @@ def check_compatible(experts: list[LoraExpert]) -> None:
                 mine,
                 theirs,
             )
-        missing, extra = sorted(set(first.layers) - set(other.layers)), sorted(set(other.layers) - set(first.layers))
-        if missing or extra:
-            raise ValueError(
-                f"Expert {other.name!r} targets different layers than {first.name!r}: "
-                f"{len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra (e.g. {extra[:2]}). Experts must be "
-                "trained with the same target_modules."
-            )
-        for layer, (up, down) in first.layers.items():
-            other_up, other_down = other.layers[layer]
-            if (up.shape[0], down.shape[1]) != (other_up.shape[0], other_down.shape[1]):
+    shapes: dict[str, tuple[int, int, str]] = {}  # layer -> (in, out, the first expert that targets it)
+    for expert in experts:
+        for layer, (up, down) in expert.layers.items():
+            features_in, features_out, owner = shapes.setdefault(layer, (down.shape[1], up.shape[0], expert.name))
+            if (down.shape[1], up.shape[0]) != (features_in, features_out):
                 raise ValueError(
-                    f"Expert {other.name!r}: layer {layer!r} maps {other_down.shape[1]} -> {other_up.shape[0]} features "
-                    f"but {first.name!r}'s maps {down.shape[1]} -> {up.shape[0]}; the experts come from different models."
+                    f"Expert {expert.name!r}: layer {layer!r} maps {down.shape[1]} -> {up.shape[0]} features "
+                    f"but {owner!r}'s maps {features_in} -> {features_out}; the experts come from different models."
                 )
+    layer_sets = {frozenset(expert.layers) for expert in experts}
+    if len(layer_sets) > 1:
+        logger.info(
+            "The experts target different layers (%s); each layer is merged among the experts that target it.",
+            ", ".join(f"{expert.name}: {len(expert.layers)}" for expert in experts),
+        )
+
+
+def check_shared_initialisation(experts: list[LoraExpert]) -> None:
+    """Raise unless every expert records the same initial LoRA factors (`safety_dpo.json` `lora.init_sha256`, written
+    by `SafetyDPOTrainer`).
+
+    A LoRA's factors are defined only up to a change of basis (`B R^-1`, `R A` give the same delta), so merging
+    factor entries of different experts builds products `B_e[:, k] A_f[k, :]` that no expert had, unless the experts
+    started from the same factors and so share their basis. This is the condition factor-wise Co-Merge needs.
+
+    Raises:
+        ValueError: Naming the first expert that records no initialisation or another one than the first expert.
+    """
+    if len(experts) < 2:
+        return
+    digests = [(expert.metadata.get("lora") or {}).get("init_sha256") for expert in experts]
+    for expert, digest in zip(experts, digests, strict=True):
+        if digest is None or digest != digests[0]:
+            why = (
+                "records no LoRA initialisation (safety_dpo.json lora.init_sha256, written by safety-dpo train)"
+                if digest is None
+                else f"started from other LoRA factors than {experts[0].name!r} (lora.init_sha256 differs)"
+            )
+            raise ValueError(
+                f"granularity='lora_factor' merges the entries of the experts' LoRA factors, which is only correct "
+                f"for experts trained from the same initial factors; expert {expert.name!r} {why}. Use "
+                "granularity='row' (the default) or 'element', whose result depends only on each expert's delta "
+                "weight, or train the experts with the same seed, rank and target modules."
+            )
 
 
 def _from_file(path: Path, name: str, metadata: dict[str, Any]) -> LoraExpert:

@@ -109,6 +109,51 @@ def co_merge_lora_factors(
     return take_winners(ups, up_winners), take_winners(downs, down_winners), up_winners, down_winners
 
 
+def row_norms(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`||dW[i, :]||_2` of every row of `dW = up @ down`, without forming dW.
+
+    Args:
+        up: (out, r).
+        down: (r, in).
+
+    Returns:
+        (out,) row norms.
+    """
+    gram = down @ down.T  # (r, r)
+    return ((up @ gram) * up).sum(dim=1).clamp_min(0).sqrt()
+
+
+def data_free_winners(granularity: str, ups: list[torch.Tensor], downs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The winners each Co-Merge granularity would pick with no calibration data: for isotropic Gaussian inputs
+    `x ~ N(0, I)`, `E|w . x|` is proportional to `||w||_2`, so every activation becomes a plain magnitude.
+
+    `row`: `||dW_e[i, :]||`; `element`: `|dW_e[i, j]|`; `lora_factor`: `|A_e[k, j]|` and `|B_e[i, k]| ||A_e[k, :]||`.
+    Comparing these with the calibrated winners measures how much a variant depends on its data at all.
+
+    Args:
+        granularity: "row", "element" or "lora_factor".
+        ups: K tensors (out, r_e), scale folded in.
+        downs: K tensors (r_e, in).
+
+    Returns:
+        Name -> winners, shaped like the calibrated winners of the same granularity ("rows"; "elements"; "up" and
+        "down").
+    """
+    if granularity == "row":
+        return {
+            "rows": select_winners(torch.stack([row_norms(up, down) for up, down in zip(ups, downs, strict=True)]))
+        }
+    if granularity == "element":
+        deltas = torch.stack([up @ down for up, down in zip(ups, downs, strict=True)])
+        return {"elements": select_winners(deltas.abs())}
+    stacked_ups, stacked_downs = torch.stack(ups), torch.stack(downs)  # (K, out, r), (K, r, in)
+    hidden_norms = stacked_downs.norm(dim=2)  # (K, r)
+    return {
+        "up": select_winners(stacked_ups.abs() * hidden_norms[:, None, :]),
+        "down": select_winners(stacked_downs.abs()),
+    }
+
+
 def concatenate_weighted(ups: list[torch.Tensor], downs: list[torch.Tensor], weights: list[float]):
     """`sum_e w_e up_e @ down_e` exactly as one LoRA of rank `sum_e r_e`: (out, sum r_e) and (sum r_e, in)."""
     return torch.cat([up * weight for up, weight in zip(ups, weights, strict=True)], dim=1), torch.cat(downs, dim=0)

@@ -10,6 +10,7 @@ One step (compare diffusers' `examples/research_projects/diffusion_dpo/train_dif
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from typing import Any
@@ -98,6 +99,9 @@ class SafetyDPOTrainer(Trainer):
         for parameter in self.components.unet.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # LoRA weights train in float32 whatever the base dtype
+        # Experts with the same initial factors can be merged factor by factor (CoMergeConfig lora_factor); this
+        # digest is how a merge proves it. A resumed run draws the same initial factors, so it records the same one.
+        self.lora_init_sha256 = lora_init_digest(self.components.unet)
 
     def _examples(self, pairs, args: SafetyDPOConfig, split: str) -> PairExamples:
         cache = None
@@ -231,6 +235,7 @@ class SafetyDPOTrainer(Trainer):
                 "alpha": args.alpha,
                 "target_modules": list(args.target_modules),
                 "dropout": args.lora_dropout,
+                "init_sha256": self.lora_init_sha256,
             },
             "training": {
                 "beta": args.beta,
@@ -251,6 +256,17 @@ class SafetyDPOTrainer(Trainer):
         """Write the adapter card (`hub_cards/adapter_card.md`) as `README.md` in `output_dir`."""
         if self.is_world_process_zero():
             adapter_io.write_card(self.args.output_dir, self.adapter_metadata(), repo_id=self.hub_model_id)
+
+
+def lora_init_digest(unet: torch.nn.Module) -> str:
+    """sha256 of a freshly added LoRA's factors (names, shapes, float32 values, in name order): equal digests mean
+    two experts started from the same factors, the condition under which their factors can be merged entry by entry."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(unet.named_parameters()):
+        if "lora_" in name:
+            digest.update(f"{name}:{tuple(parameter.shape)}".encode())
+            digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _concepts_by_category(pairs) -> dict[str, list[str]]:

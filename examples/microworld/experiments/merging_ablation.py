@@ -5,13 +5,14 @@
 
 Measured, all seven categories, protocol seeds, test prompts: each expert alone; "All-single", one LoRA trained on
 every category with the experts' total steps (7 x 300); Co-Merge in each variant (granularity x inputs); the
-baselines linear, TIES and DARE-TIES. Experts found in `--experts-dir` (a `safety-dpo align` run's) are reused,
+baselines linear (the sum and the mean of the deltas), TIES and DARE-TIES. Experts found in `--experts-dir` (a `safety-dpo align` run's) are reused,
 missing ones trained. Writes OUTPUT_DIR/table.md and table.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +23,12 @@ VARIANTS = {
     f"co_merge {granularity}/{inputs}": {"granularity": granularity, "inputs": inputs}
     for granularity in ("row", "element", "lora_factor")
     for inputs in ("shared", "own_category", "with_expert")
-} | {method: {"method": method} for method in ("linear", "ties", "dare_ties")}
+} | {
+    "linear": {"method": "linear"},  # the sum of the deltas: K times the strength of one expert
+    "linear mean": {"method": "linear", "weights": "mean"},  # their average, at one expert's strength
+    "ties": {"method": "ties"},
+    "dare_ties": {"method": "dare_ties"},
+}
 
 COLUMNS = {
     "name": "model",
@@ -31,6 +37,7 @@ COLUMNS = {
     "neutral_fidelity_ratio": "neutral fidelity / base",
     "micro_fid": "micro-FID",
     "prompt_agreement_neutral": "prompt agreement (neutral)",
+    "data_free_disagreement": "winners moved by the data",
 }
 
 
@@ -67,7 +74,9 @@ def main(argv=None) -> str:
         candidates[name] = common.merge(experts, out / "merged" / slug(name), **config)
     for name, adapter in candidates.items():
         results = common.evaluate(adapter, out / "eval" / slug(name), prompts, base_dir)
-        rows.append(common.row(name, results))
+        # Co-Merge's share of winners that differ from the data-free (magnitude) pick, from the merge's report.
+        report = json.loads((adapter / "safety_dpo.json").read_text()).get("merge_report", {})
+        rows.append(common.row(name, results, data_free_disagreement=report.get("data_free_disagreement")))
     columns = {**COLUMNS, **{f"ip_{c}": f"IP {c}" for c in categories}}
     for entry in rows:
         entry.update({f"ip_{c}": value for c, value in entry["ip_per_category"].items()})
