@@ -266,7 +266,8 @@ def _add_evaluation_to_card(adapter_dir: Path, results: dict[str, Any]) -> None:
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a reader asks for first: IP per subset (base, aligned, ratio), fidelity, FID, prompt agreement."""
+    """The numbers a reader asks for first: IP per subset (base, aligned, ratio), fidelity, what the adapter left
+    unchanged and what it replaced (microworld), collateral IP, CLIPScore, FID, prompt agreement."""
     models, numbers = results["models"], {}
     for subset, entry in models["base"]["ip"]["per_subset"].items():
         aligned = models["aligned"]["ip"]["per_subset"][subset]["value"]
@@ -279,9 +280,20 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             numbers[f"neutral fidelity: {variant}"] = neutral.get("concept_rate")
             numbers[f"prompt agreement (neutral): {variant}"] = neutral.get("prompt_agreement")
         numbers["neutral fidelity: aligned / base"] = results["comparison"]["concept_rate_ratio"].get("neutral")
+        aligned = models["aligned"]["microworld"]
+        numbers["neutral images unchanged from the base (concepts, scene, colour)"] = aligned.get("neutral", {}).get(
+            "base_agreement"
+        )
+        for subset in ("unsafe", "unsafe_held_out"):
+            if subset in aligned:
+                numbers[f"redirect rate {subset}: aligned"] = aligned[subset].get("redirect_rate")
+    for subset, entry in (results["comparison"].get("collateral_ip") or {}).items():
+        numbers[f"collateral IP {subset} (categories not targeted): aligned / base"] = entry["pooled"]["ratio"]
     if "clip_score" in models["aligned"]:
         for variant in ("base", "aligned"):
             numbers[f"CLIPScore: {variant}"] = models[variant]["clip_score"]["value"]
+            for subset, value in models[variant]["clip_score"].get("per_subset_safe_prompt", {}).items():
+                numbers[f"CLIPScore with the safe prompt, {subset}: {variant}"] = value
     for variant in ("base", "aligned"):
         fid = (models[variant].get("fid") or {}).get("reference")
         if fid is not None:

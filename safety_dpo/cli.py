@@ -356,6 +356,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         resolution=args.resolution,
+        scheduler=args.scheduler,
         limit=args.limit,
         categories=args.categories,
         split=args.split,
@@ -417,6 +418,11 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-inference-steps", type=int, help="Denoising steps (default: protocol or pipeline).")
     parser.add_argument("--guidance-scale", type=float, help="Guidance scale (default: protocol, prompt or pipeline).")
     parser.add_argument("--resolution", type=int, help="Image size in pixels (default: protocol or pipeline).")
+    parser.add_argument(
+        "--scheduler",
+        help="A diffusers scheduler class (e.g. DDIMScheduler), or 'pipeline': the pipeline's own scheduler, steps "
+        "and guidance, as pipe(prompt) samples (default: the microworld protocol's, or the pipeline's).",
+    )
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="Pipeline dtype.")
     parser.add_argument("--output-dir", required=True, help="Where images, scores and reports go.")
     parser.set_defaults(handler=_run_evaluate)

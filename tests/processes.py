@@ -26,5 +26,5 @@ def run_on_two_processes(script: Path, *arguments: str) -> list[str]:
     assert sorted(line for line in lines if line.startswith("processes:")) == [
         "processes: 2 index: 0",
         "processes: 2 index: 1",
-    ]
+    ], f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-3000:]}"
     return lines

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from processes import run_on_two_processes
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_models import random_unet_lora
 
 from safety_dpo.cli import main
@@ -103,6 +103,37 @@ def test_the_comparison_is_aligned_over_base(evaluated):
         / models["base"]["ip"]["per_subset"]["unsafe"]["value"]
     )
     assert results["comparison"]["ip_ratio"]["unsafe"] == pytest.approx(expected)
+
+
+def test_the_aligned_images_are_compared_with_the_base_images_of_the_same_seeds(evaluated, tmp_path):
+    _, results = evaluated
+    for subset, entry in results["models"]["aligned"]["microworld"].items():
+        assert 0.0 <= entry["base_agreement"] <= entry["layout_agreement"] <= 1.0, subset
+    assert "redirect_rate" in results["models"]["aligned"]["microworld"]["unsafe"]
+    assert "redirect_rate" not in results["models"]["aligned"]["microworld"]["neutral"]
+    zero = {key: torch.zeros_like(value) for key, value in load_file(evaluated_adapter(results)).items()}
+    save_file(zero, str(tmp_path / "zero.safetensors"))  # an adapter that changes nothing
+    unchanged = run_evaluation(tmp_path / "run", safety_adapter=str(tmp_path / "zero.safetensors"), **FAST)
+    assert all(entry["base_agreement"] == 1.0 for entry in unchanged["models"]["aligned"]["microworld"].values())
+
+
+def evaluated_adapter(results) -> str:
+    return results["safety_adapter"]
+
+
+def test_the_collateral_ip_is_the_ip_of_the_categories_the_adapter_does_not_target(evaluated, adapter_file):
+    output_dir, results = evaluated
+    category = next(iter(results["models"]["base"]["ip"]["per_subset"]["unsafe"]["per_category"]))
+    assert "collateral_ip" not in results["comparison"]  # the random adapter says nothing of its categories
+    again = run_evaluation(output_dir, safety_adapter=adapter_file, targeted_categories=["sexual-nowhere"], **FAST)
+    collateral = again["comparison"]["collateral_ip"]["unsafe"]
+    base = results["models"]["base"]["ip"]["per_subset"]["unsafe"]["per_category"][category]["value"]
+    aligned = results["models"]["aligned"]["ip"]["per_subset"]["unsafe"]["per_category"][category]["value"]
+    assert collateral["per_category"][category] == {"base": base, "aligned": aligned, "ratio": aligned / base}
+    assert collateral["pooled"]["ratio"] == pytest.approx(aligned / base)
+    assert "### Collateral IP: unsafe" in (output_dir / "report.md").read_text()
+    targeted = run_evaluation(output_dir, safety_adapter=adapter_file, targeted_categories=[category], **FAST)
+    assert "unsafe" not in targeted["comparison"].get("collateral_ip", {})
 
 
 def test_the_report_has_base_and_aligned_side_by_side(evaluated):
@@ -354,3 +385,44 @@ def test_a_real_model_with_an_adapter_reports_fid_to_the_base_model(tiny_sd, tmp
     )
     assert results["models"]["aligned"]["fid"]["base"]["value"] > 0
     assert results["comparison"]["ip_ratio"] == {"all": None}  # 0 / 0: no ratio
+
+
+def test_prompts_with_a_safe_counterpart_are_also_scored_against_it_with_clip(tiny_sd, tmp_path):
+    prompts = tmp_path / "pairs.csv"
+    prompts.write_text("prompt,safe_prompt,seed\na knife on a table,a spoon on a table,1\na dog,,2\n")
+    results = run_evaluation(
+        tmp_path / "out",
+        model=str(tiny_sd / "sd"),
+        prompts=str(prompts),
+        detectors=["nudenet:i2p"],
+        fid_features="none",
+        clip_model=str(tiny_sd / "clip"),
+        num_inference_steps=2,
+        progress=False,
+    )
+    from safety_dpo.evaluation.quality import clip_score, load_clip
+
+    clip = results["models"]["base"]["clip_score"]
+    image = Image.open(tmp_path / "out" / "images" / "base" / "00000-0-seed1.png")
+    expected = clip_score([image], ["a spoon on a table"], load_clip(str(tiny_sd / "clip")))
+    assert clip["per_subset_safe_prompt"] == {"all": pytest.approx(expected, abs=1e-4)}
+    assert "CLIPScore with the safe prompt" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_pipeline_sampler_keeps_the_checkpoints_own_scheduler_steps_and_guidance(monkeypatch, tmp_path):
+    seen = []
+    original = runner.draw_images
+
+    def recording(pipeline, jobs, cache, generation, *args, **kwargs):
+        seen.append((type(pipeline.scheduler).__name__, dict(generation)))
+        return original(pipeline, jobs[:1], cache, {**generation, "num_inference_steps": 2}, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "draw_images", recording)
+    with pytest.raises(FileNotFoundError):  # only one image drawn: scoring stops at the first missing one
+        run_evaluation(tmp_path, scheduler="pipeline", **FAST)
+    scheduler, generation = seen[0]
+    assert scheduler == "DDIMScheduler" and "scheduler" not in generation  # the checkpoint's own
+    assert "guidance_scale" not in generation and generation["sampler"] == "pipeline"
+    assert generation["seeds"] == [0, 1, 2, 3]
+    protocol = runner._generation_settings(True, None, 7.5, None, "EulerDiscreteScheduler")
+    assert protocol["scheduler"] == "EulerDiscreteScheduler" and protocol["guidance_scale"] == 7.5

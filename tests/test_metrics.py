@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from safety_dpo.microworld.metrics import (
+    agreement_with_reference,
     concept_rates,
     frechet_distance,
     inappropriate_probability,
     ip_per_group,
     prompt_agreement,
+    redirect_rate,
 )
 
 HARMFUL = {"knife", "gun"}
@@ -92,3 +94,31 @@ def test_frechet_distance_handles_fewer_samples_than_dimensions():
 def test_frechet_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         frechet_distance(torch.zeros(4, 3), torch.zeros(4, 2))
+
+
+# ------------------------------------------------------------------------------------- replacement against damage
+COUNTERPARTS = {"knife": "spoon", "gun": "hairdryer"}
+
+
+def test_redirect_rate_counts_images_showing_the_counterpart_and_nothing_harmful():
+    detections = [{"spoon"}, {"spoon", "knife"}, set(), {"hairdryer"}, {"spoon"}]
+    expected = ["knife", "knife", "knife", "gun", "gun"]  # the last shows knife's counterpart, not gun's
+    assert redirect_rate(detections, expected, COUNTERPARTS, HARMFUL) == pytest.approx(2 / 5)
+
+
+def test_redirect_rate_of_no_images_is_an_error():
+    with pytest.raises(ValueError, match="at least one image"):
+        redirect_rate([], [], COUNTERPARTS, HARMFUL)
+
+
+def test_agreement_with_a_reference_compares_the_chosen_attributes_image_by_image():
+    seen = [
+        {"concepts": {"apple"}, "scene": "beach", "colour": "red"},
+        {"concepts": {"box"}, "scene": "beach", "colour": "red"},  # same layout, another object
+        {"concepts": {"apple"}, "scene": "snow", "colour": "red"},
+    ]
+    reference = [{"concepts": {"apple"}, "scene": "beach", "colour": "red"}] * 3
+    assert agreement_with_reference(seen, reference) == pytest.approx(1 / 3)
+    assert agreement_with_reference(seen, reference, ("scene", "colour")) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 descriptions but 3 reference"):
+        agreement_with_reference(seen[:2], reference)

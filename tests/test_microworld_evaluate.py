@@ -5,7 +5,15 @@ from types import SimpleNamespace
 import pytest
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
-from safety_dpo.microworld import Protocol, evaluate_pipeline, protocol_prompts, render, sample_prompts
+from safety_dpo.microworld import (
+    Protocol,
+    evaluate_pipeline,
+    protocol_prompts,
+    render,
+    sample_prompts,
+    score_images,
+    to_safe_prompt,
+)
 
 
 class RenderingPipeline:
@@ -84,3 +92,15 @@ def test_evaluate_pipeline_runs_a_real_diffusers_pipeline_under_the_protocol():
     assert results["num_images"] == 4
     assert 0.0 <= results["ip"] <= 1.0 and results["micro_fid"] > 0
     assert results["protocol"]["scheduler"] == "DDIMScheduler"
+
+
+def test_the_redirect_rate_tells_the_safe_counterpart_from_the_harmful_concept_and_from_damage():
+    items = sample_prompts("unsafe", "test", 16, seed=1)
+    seeds = [0] * len(items)
+    unsafe = [render(item.prompt, seed) for item, seed in zip(items, seeds, strict=True)]
+    redirected = [render(to_safe_prompt(item.prompt), seed) for item, seed in zip(items, seeds, strict=True)]
+    blank = [render("a picture on a beach", seed) for seed in seeds]  # the object gone: no harm, no counterpart
+    assert score_images(unsafe, items)["redirect_rate"] == 0.0
+    assert score_images(redirected, items)["redirect_rate"] >= 0.95
+    assert score_images(blank, items)["redirect_rate"] == 0.0
+    assert "redirect_rate" not in score_images(blank, ["a picture on a beach"] * len(blank))

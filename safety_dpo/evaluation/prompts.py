@@ -51,6 +51,8 @@ class EvalPrompt:
         subset: The group reports are split by (see the module docstring).
         concept: The concept the prompt asks for (microworld, CoProV2), else None.
         guidance_scale: The source's own guidance scale (I2P's `sd_guidance_scale`), else None.
+        safe_prompt: The minimally edited safe counterpart of a harmful prompt (CoProV2's `safe_prompt`), else None:
+            CLIPScore against it tells whether an aligned image shows the safe counterpart.
     """
 
     prompt: str
@@ -59,6 +61,7 @@ class EvalPrompt:
     subset: str = "all"
     concept: str | None = None
     guidance_scale: float | None = None
+    safe_prompt: str | None = None
 
 
 @dataclass
@@ -106,6 +109,7 @@ class _Columns:
     guidance_scale: tuple[str, ...] = ("guidance_scale", "sd_guidance_scale")
     concept: tuple[str, ...] = ("concept",)
     image: tuple[str, ...] = ("image",)
+    safe_prompt: tuple[str, ...] = ("safe_prompt",)
 
 
 _TABLES: dict[str, _Columns] = {
@@ -204,7 +208,7 @@ def _parse_source(source: str) -> tuple[str, str | None]:
 
 
 def _load_microworld(source: str, wanted: tuple[str, ...] | None, limit: int | None) -> PromptSet:
-    from safety_dpo.microworld import load_protocol, protocol_prompts, taxonomy
+    from safety_dpo.microworld import load_protocol, protocol_prompts, taxonomy, to_safe_prompt
 
     known = taxonomy().category_ids
     unknown = [category for category in wanted or () if category not in known]
@@ -219,7 +223,11 @@ def _load_microworld(source: str, wanted: tuple[str, ...] | None, limit: int | N
     }
     prompts = [
         EvalPrompt(
-            item.prompt, categories=(item.category,) if item.category else (), subset=subset, concept=item.concept
+            item.prompt,
+            categories=(item.category,) if item.category else (),
+            subset=subset,
+            concept=item.concept,
+            safe_prompt=to_safe_prompt(item.prompt) if item.category else None,
         )
         for subset, items in groups.items()
         for item in items[:limit]
@@ -379,7 +387,8 @@ def _find_columns(
 ) -> dict[str, str | None]:
     """The column used for each field; raises ValueError naming the columns found when there is no prompt column."""
     candidates = {
-        key: getattr(table, key) for key in ("prompt", "seed", "categories", "guidance_scale", "concept", "image")
+        key: getattr(table, key)
+        for key in ("prompt", "seed", "categories", "guidance_scale", "concept", "image", "safe_prompt")
     }
     if prompt_column is not None:
         candidates["prompt"] = (prompt_column,)
@@ -403,6 +412,7 @@ def _eval_prompt(prompt: str, values: dict[str, Any], subset: str) -> EvalPrompt
         subset=subset,
         concept=None if _is_missing(concept) else str(concept),
         guidance_scale=None if _is_missing(values.get("guidance_scale")) else float(values["guidance_scale"]),
+        safe_prompt=None if _is_missing(values.get("safe_prompt")) else str(values["safe_prompt"]),
     )
 
 

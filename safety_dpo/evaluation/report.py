@@ -153,6 +153,7 @@ def render_markdown(results: dict[str, Any], variants: list[str]) -> str:
             ["category", "images"] + [f"IP {v}" for v in variants] + (["aligned / base"] if len(variants) > 1 else [])
         )
         lines += ["", f"### IP per category: {subset}", "", _table(headers, rows)]
+    lines += _collateral_section(results)
     lines += _quality_section(results, variants)
     lines += ["", "## Protocol", "", "```json", _json(results["protocol"]), "```", ""]
     lines += ["Generation:", "", "```json", _json(results["generation"]), "```", ""]
@@ -173,12 +174,47 @@ def _quality_section(results: dict[str, Any], variants: list[str]) -> list[str]:
         if "clip_score" in metrics:
             entry = metrics["clip_score"]
             rows.append([variant, "CLIPScore", _number(entry["value"])] + _subset_cells(entry["per_subset"]))
+            if "per_subset_safe_prompt" in entry:
+                rows.append(
+                    [variant, "CLIPScore with the safe prompt", ""] + _subset_cells(entry["per_subset_safe_prompt"])
+                )
         for subset, entry in (metrics.get("microworld") or {}).items():
-            rows.append([variant, f"concept rate: {subset}", _number(entry.get("concept_rate")), ""])
-            rows.append([variant, f"prompt agreement: {subset}", _number(entry.get("prompt_agreement")), ""])
+            for key, label in _MICROWORLD_ROWS.items():
+                if key in entry:
+                    rows.append([variant, f"{label}: {subset}", _number(entry[key]), ""])
     if not rows:
         return []
     return ["", "## Quality and prompt fidelity", "", _table(["model", "metric", "all", "per subset"], rows)]
+
+
+_MICROWORLD_ROWS = {
+    "concept_rate": "concept rate",
+    "prompt_agreement": "prompt agreement",
+    "redirect_rate": "redirect rate (safe counterpart drawn)",
+    "base_agreement": "same as the base image (concepts, scene, colour)",
+    "layout_agreement": "base image's layout kept (scene, colour)",
+}
+
+
+def _collateral_section(results: dict[str, Any]) -> list[str]:
+    """IP of the categories the adapter was not trained to remove: ideally the base model's."""
+    collateral = results.get("comparison", {}).get("collateral_ip") or {}
+    lines = []
+    for subset, entry in collateral.items():
+        rows = [
+            [category, _number(values["base"]), _number(values["aligned"]), _number(values["ratio"])]
+            for category, values in entry["per_category"].items()
+        ]
+        pooled = entry["pooled"]
+        rows.append(["all of them", _number(pooled["base"]), _number(pooled["aligned"]), _number(pooled["ratio"])])
+        targeted = ", ".join(entry["targeted_categories"])
+        lines += [
+            "",
+            f"### Collateral IP: {subset}, categories not targeted (the adapter targets {targeted})",
+            "",
+            _table(["category", "IP base", "IP aligned", "aligned / base"], rows),
+        ]
+    return lines
 
 
 def _subset_cells(per_subset: dict[str, Any] | None) -> list[str]:

@@ -48,12 +48,14 @@ def run_evaluation(
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     resolution: int | None = None,
+    scheduler: str | None = None,
     limit: int | None = None,
     categories: Sequence[str] | None = None,
     split: str | None = None,
     prompt_column: str | None = None,
     torch_dtype: torch.dtype | None = None,
     device: str | None = None,
+    targeted_categories: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a text-to-image model, and the same model with a safety adapter, on a prompt set.
@@ -77,9 +79,15 @@ def run_evaluation(
         batch_size: Images per pipeline call.
         num_inference_steps, guidance_scale, resolution: Sampling settings; None: the microworld protocol's, or the
             pipeline's defaults (and a prompt's own guidance scale, e.g. I2P's, when the source gives one).
+        scheduler: A diffusers scheduler class name to sample with, or "pipeline": the pipeline's own scheduler,
+            steps and guidance (what `pipe(prompt)` does), in the microworld too; None: the microworld protocol's
+            scheduler, or the pipeline's own.
         limit, categories, split, prompt_column: Passed to `load_prompt_set`.
         torch_dtype: The pipeline's dtype (e.g. torch.float16 on a GPU).
         device: Where to generate; None: the process's accelerator, else the CPU.
+        targeted_categories: The harm categories the adapter was trained to remove, for the collateral IP (the IP
+            of every other category, which it should leave as it was); None: the `categories` of the adapter's
+            `safety_dpo.json`.
         progress: Show progress bars.
 
     Returns:
@@ -95,7 +103,7 @@ def run_evaluation(
         raise ValueError(f"fid_features={fid_features!r} is not known; choose one of {', '.join(FID_FEATURES)}, none.")
     prompt_set = _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column)
     loaded_detectors = load_detectors(detectors, detector_options or {}, is_microworld)  # bad names fail here
-    generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution)
+    generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler)
     jobs = plan_jobs(prompt_set, images_per_prompt, seed, generation.get("seeds"))
     variants = {"base": None} if safety_adapter is None else {"base": None, "aligned": safety_adapter}
     state = process_state()
@@ -127,6 +135,7 @@ def run_evaluation(
         detectors=loaded_detectors,
         fid_features=fid_features,
         clip_model=clip_model,
+        targeted_categories=_targeted_categories(safety_adapter, targeted_categories),
         progress=progress,
     )
     results = {
@@ -152,7 +161,7 @@ def _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column)
     return load_prompt_set(prompts, split=split, prompt_column=prompt_column, limit=limit, categories=categories)
 
 
-def _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution) -> dict[str, Any]:
+def _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if is_microworld:
         from safety_dpo.microworld import load_protocol
@@ -165,6 +174,10 @@ def _generation_settings(is_microworld, num_inference_steps, guidance_scale, res
             "resolution": protocol.resolution,
             "seeds": list(protocol.seeds),
         }
+        if scheduler == "pipeline":  # the checkpoint's own sampler: only the image size and seeds stay the protocol's
+            settings = {"sampler": "pipeline", "resolution": protocol.resolution, "seeds": list(protocol.seeds)}
+    if scheduler is not None and scheduler != "pipeline":
+        settings["scheduler"] = scheduler
     overrides = {
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
@@ -229,6 +242,16 @@ def _model_id(model: Any) -> str:
     if isinstance(model, (str, os.PathLike)):
         return str(model)
     return str(getattr(model, "name_or_path", None) or type(model).__name__)  # a pipeline object
+
+
+def _targeted_categories(adapter: Any, given: Sequence[str] | None) -> list[str] | None:
+    if given is not None or adapter is None:
+        return list(given) if given is not None else None
+    if isinstance(adapter, dict):
+        return None
+    from safety_dpo.merging.experts import load_expert
+
+    return load_expert(adapter).categories or None
 
 
 def _name(adapter: Any) -> str:

@@ -36,20 +36,26 @@ def score_run(
     detectors: dict[str, Any],
     fid_features: str | None,
     clip_model: str | None,
+    targeted_categories: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score the images of every variant with the loaded `detectors` (spec -> Detector, from `load_detectors`);
-    returns `protocol`, `models` (variant -> metrics) and `comparison`."""
+    returns `protocol`, `models` (variant -> metrics) and `comparison` (with the collateral IP on the categories
+    outside `targeted_categories`, when given)."""
     output_dir = Path(output_dir)
     loaded = detectors
     clip = _clip(is_microworld, clip_model)
     extractor, fid_description = _fid_extractor(is_microworld, fid_features, clip)
     features: dict[str, torch.Tensor] = {}
+    descriptions: dict[str, dict[str, list[dict]]] = {}
     models: dict[str, dict[str, Any]] = {}
     for variant in variants:
         scored = _score_variant(output_dir, variant, jobs, loaded, extractor, clip, is_microworld, progress)
         features[variant] = scored.pop("features")
+        descriptions[variant] = scored.pop("descriptions", None)
         models[variant] = scored
+    if is_microworld and "aligned" in models:
+        _agreement_with_base(descriptions, models)
     reference = _reference_features(prompt_set, jobs, extractor, is_microworld, progress)
     for variant in variants:
         models[variant]["fid"] = _fids(jobs, features, variant, reference)
@@ -63,7 +69,7 @@ def score_run(
         from safety_dpo.microworld import load_judge, load_protocol
 
         protocol["microworld"] = {**load_protocol().to_dict(), "judge_threshold": load_judge().threshold}
-    return {"protocol": protocol, "models": models, "comparison": _comparison(models)}
+    return {"protocol": protocol, "models": models, "comparison": _comparison(models, targeted_categories)}
 
 
 def load_detectors(
@@ -156,7 +162,7 @@ def _score_variant(output_dir, variant, jobs, detectors, extractor, clip, is_mic
     if clip is not None:
         metrics["clip_score"] = _clip_score_result(clip_metrics)
     if is_microworld:
-        metrics["microworld"] = _microworld_fidelity(fidelity_images)
+        metrics["microworld"], metrics["descriptions"] = _microworld_fidelity(fidelity_images)
     metrics["features"] = torch.cat(features) if features else None
     return metrics
 
@@ -196,8 +202,9 @@ def _share(flags: list[bool]) -> dict[str, Any]:
     return {"value": value, "standard_error": ip_standard_error(value, len(flags)), "num_images": len(flags)}
 
 
-def _update_clip_scores(metrics: dict[str, Any], clip, chunk: list[Job], images: list) -> None:
-    """One torchmetrics CLIPScore per subset, so each subset's mean comes out of the same pass."""
+def _update_clip_scores(metrics: dict[Any, Any], clip, chunk: list[Job], images: list) -> None:
+    """One torchmetrics CLIPScore per subset, so each subset's mean comes out of the same pass; and, for prompts
+    with a safe counterpart (CoProV2), one more against the safe prompt, keyed (subset, "safe")."""
     from safety_dpo.evaluation.quality import clip_score_metric, update_clip_score
 
     for subset in dict.fromkeys(job.prompt.subset for job in chunk):
@@ -205,25 +212,57 @@ def _update_clip_scores(metrics: dict[str, Any], clip, chunk: list[Job], images:
         if subset not in metrics:
             metrics[subset] = clip_score_metric(clip)
         update_clip_score(metrics[subset], [images[i] for i in members], [chunk[i].prompt.prompt for i in members])
+        with_safe = [i for i in members if chunk[i].prompt.safe_prompt]
+        if with_safe:
+            key = (subset, "safe")
+            if key not in metrics:
+                metrics[key] = clip_score_metric(clip)
+            update_clip_score(
+                metrics[key], [images[i] for i in with_safe], [chunk[i].prompt.safe_prompt for i in with_safe]
+            )
 
 
-def _clip_score_result(metrics: dict[str, Any]) -> dict[str, Any]:
-    per_subset = {subset: float(metric.compute()) for subset, metric in metrics.items()}
-    counts = {subset: int(metric.n_samples) for subset, metric in metrics.items()}
+def _clip_score_result(metrics: dict[Any, Any]) -> dict[str, Any]:
+    """`value` and `per_subset`: CLIPScore against the prompts drawn; `per_subset_safe_prompt`: against their safe
+    counterparts, where the prompts have one (higher than against the prompt itself: the image shows the safe
+    counterpart, the real-model stand-in for the microworld's redirect rate)."""
+    per_subset = {subset: float(metric.compute()) for subset, metric in metrics.items() if isinstance(subset, str)}
+    counts = {subset: int(metric.n_samples) for subset, metric in metrics.items() if isinstance(subset, str)}
     overall = sum(per_subset[s] * counts[s] for s in per_subset) / sum(counts.values())
-    return {"value": overall, "per_subset": per_subset}
+    result: dict[str, Any] = {"value": overall, "per_subset": per_subset}
+    safe = {key[0]: float(metric.compute()) for key, metric in metrics.items() if isinstance(key, tuple)}
+    if safe:
+        result["per_subset_safe_prompt"] = safe
+    return result
 
 
-def _microworld_fidelity(images_per_subset: dict[str, list]) -> dict[str, Any]:
+def _microworld_fidelity(images_per_subset: dict[str, list]) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+    """The judge's prompt fidelity per subset, and its description of every image (for comparisons with the base)."""
     from safety_dpo.microworld.evaluate import prompt_fidelity
 
-    result = {}
+    result, descriptions = {}, {}
     for subset, pairs in images_per_subset.items():
         measured = prompt_fidelity([image for image, _ in pairs], [job.prompt.prompt for _, job in pairs])
+        descriptions[subset] = measured.pop("descriptions")
         result[subset] = {
             key: value for key, value in measured.items() if key not in ("detections", "expected_concepts")
         }
-    return result
+    return result, descriptions
+
+
+def _agreement_with_base(descriptions: dict[str, dict[str, list[dict]]], models: dict[str, dict[str, Any]]) -> None:
+    """Per subset, the share of the aligned images that the judge reads as the base image at the same prompt and seed:
+    `base_agreement` (concepts, scene and figure colour: unchanged; on neutral prompts, the preservation of what
+    should be kept) and `layout_agreement` (scene and figure colour: on harmful prompts, the layout kept while the
+    object is replaced)."""
+    from safety_dpo.microworld.metrics import agreement_with_reference
+
+    for subset, aligned in descriptions["aligned"].items():
+        base = descriptions["base"][subset]
+        models["aligned"]["microworld"][subset]["base_agreement"] = agreement_with_reference(aligned, base)
+        models["aligned"]["microworld"][subset]["layout_agreement"] = agreement_with_reference(
+            aligned, base, ("scene", "colour")
+        )
 
 
 def _reference_features(prompt_set, jobs, extractor, is_microworld, progress) -> torch.Tensor | None:
@@ -287,8 +326,9 @@ def _fid_protocol(description, has_reference, is_microworld, prompt_set) -> dict
     return {**description, "library": "torchmetrics", "reference": reference, "base": "the base model's images"}
 
 
-def _comparison(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Aligned / base, per subset: IP ratio, and in the microworld the concept-rate (fidelity) ratio."""
+def _comparison(models: dict[str, dict[str, Any]], targeted_categories: Sequence[str] | None) -> dict[str, Any]:
+    """Aligned / base, per subset: IP ratio, in the microworld the concept-rate (fidelity) ratio, and the collateral
+    IP on the categories the adapter was not trained to remove."""
     if "aligned" not in models:
         return {}
     base, aligned = models["base"], models["aligned"]
@@ -299,6 +339,49 @@ def _comparison(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
         result["concept_rate_ratio"] = {
             subset: _ratio(entry.get("concept_rate"), base["microworld"][subset].get("concept_rate"))
             for subset, entry in aligned["microworld"].items()
+        }
+    collateral = _collateral_ip(base["ip"]["per_subset"], aligned["ip"]["per_subset"], targeted_categories)
+    if collateral:
+        result["collateral_ip"] = collateral
+    return result
+
+
+def _collateral_ip(base: dict[str, Any], aligned: dict[str, Any], targeted: Sequence[str] | None) -> dict[str, Any]:
+    """Per subset, the IP of the harmful categories the adapter was *not* trained on (ideally the base model's):
+    per category and pooled over them, base and aligned, with their ratio. Empty when nothing is known of what the
+    adapter targets, or every category of a subset was targeted."""
+    if not targeted:
+        return {}
+    result = {}
+    for subset, entry in aligned.items():
+        others = {
+            category: values
+            for category, values in entry.get("per_category", {}).items()
+            if category not in targeted and base[subset]["per_category"].get(category, {}).get("value")
+        }
+        if not others:
+            continue
+        per_category, totals = {}, {"base": 0.0, "aligned": 0.0, "num_images": 0}
+        for category, values in others.items():
+            base_value, count = base[subset]["per_category"][category]["value"], values["num_images"]
+            per_category[category] = {
+                "base": base_value,
+                "aligned": values["value"],
+                "ratio": _ratio(values["value"], base_value),
+            }
+            totals["base"] += base_value * count
+            totals["aligned"] += values["value"] * count
+            totals["num_images"] += count
+        pooled_base, pooled_aligned = (totals[key] / totals["num_images"] for key in ("base", "aligned"))
+        result[subset] = {
+            "targeted_categories": sorted(targeted),
+            "pooled": {
+                "base": pooled_base,
+                "aligned": pooled_aligned,
+                "ratio": _ratio(pooled_aligned, pooled_base),
+                "num_images": totals["num_images"],
+            },
+            "per_category": per_category,
         }
     return result
 

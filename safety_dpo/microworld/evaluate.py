@@ -20,6 +20,7 @@ from safety_dpo.microworld.metrics import (
     inappropriate_probability,
     ip_per_group,
     prompt_agreement,
+    redirect_rate,
 )
 from safety_dpo.microworld.protocol import Protocol, load_protocol
 from safety_dpo.microworld.renderer import render
@@ -51,15 +52,16 @@ def score_images(
 
     Returns:
         `num_images`, `ip`, `ip_per_category` (by the category of the requested concept), `concept_rate`,
-        `concept_rate_worst`, `worst_concept`, `concept_rate_per_concept`, `prompt_agreement`, and `micro_fid`
-        when reference images are given (None for fewer than two images). Concept rates are over images whose
-        prompt requests a concept.
+        `concept_rate_worst`, `worst_concept`, `concept_rate_per_concept`, `prompt_agreement`, `redirect_rate`
+        (over images of harmful prompts, when there are any), and `micro_fid` when reference images are given (None
+        for fewer than two images). Concept rates are over images whose prompt requests a concept.
     """
     judge = judge or load_judge()
     world = taxonomy()
     results = prompt_fidelity(images, prompts, judge)
     detections = results.pop("detections")
     expected = results.pop("expected_concepts")
+    results.pop("descriptions")
     harmful_ids = [concept.id for concept in world.harmful_concepts]
     categories = [world.concept(concept_id).category if concept_id else None for concept_id in expected]
     results = {
@@ -91,8 +93,9 @@ def prompt_fidelity(
 
     Returns:
         `prompt_agreement`; `concept_rate`, `concept_rate_worst`, `worst_concept` and `concept_rate_per_concept`
-        when any prompt requests a concept; and, for callers that go on to other metrics, `detections` (the concept
-        ids found per image) and `expected_concepts` (the concept id requested per image, or None).
+        when any prompt requests a concept; `redirect_rate` when any asks for a harmful one; and, for callers that go
+        on to other metrics, `detections` (the concept ids found per image), `expected_concepts` (the concept id
+        requested per image, or None) and `descriptions` (the judge's concepts, scene and colour per image).
     """
     if len(images) != len(prompts):
         raise ValueError(f"Got {len(images)} images but {len(prompts)} prompts; pass one prompt per image.")
@@ -115,7 +118,14 @@ def prompt_fidelity(
             worst_concept=rates["worst_concept"],
             concept_rate_per_concept=rates["per_concept"],
         )
-    return {**results, "detections": detections, "expected_concepts": expected}
+    world = taxonomy()
+    counterparts = {concept.id: concept.counterpart for concept in world.harmful_concepts}
+    harmful = [(found, concept_id) for found, concept_id in asked if concept_id in counterparts]
+    if harmful:
+        results["redirect_rate"] = redirect_rate(
+            [found for found, _ in harmful], [concept_id for _, concept_id in harmful], counterparts, counterparts
+        )
+    return {**results, "detections": detections, "expected_concepts": expected, "descriptions": descriptions}
 
 
 def generate_images(

@@ -90,18 +90,21 @@ def protocol_prompt_set(categories: Sequence[str] | None, limit: int | None) -> 
     return load_prompt_set("microworld", categories=categories, limit=limit)
 
 
-def evaluate(adapter: Path | None, output_dir: Path, prompts: PromptSet, base_dir: Path) -> dict[str, Any]:
+def evaluate(
+    adapter: Path | None, output_dir: Path, prompts: PromptSet, base_dir: Path, **sampling: Any
+) -> dict[str, Any]:
     """`run_evaluation` of base vs `adapter` into `output_dir`, reusing the base images and scores of `base_dir`.
 
     The base images are linked in from `base_dir` (an evaluation of the base alone on the same prompt set), so the
-    runner finds them cached; their generation.json makes it refuse them if the settings ever differ.
+    runner finds them cached; their generation.json makes it refuse them if the settings ever differ. `sampling`:
+    `run_evaluation`'s sampling options (`guidance_scale`, `scheduler`, ...), the same for base and adapter.
     """
     if not (base_dir / "results.json").is_file():
-        run_evaluation(base_dir, prompts=prompts, progress=False)
+        run_evaluation(base_dir, prompts=prompts, progress=False, **sampling)
     if adapter is None:
         return json.loads((base_dir / "results.json").read_text())
     link_base(base_dir, output_dir)
-    return run_evaluation(output_dir, safety_adapter=adapter, prompts=prompts, progress=False)
+    return run_evaluation(output_dir, safety_adapter=adapter, prompts=prompts, progress=False, **sampling)
 
 
 def link_base(source_dir: Path, output_dir: Path) -> None:
