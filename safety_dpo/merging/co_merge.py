@@ -99,11 +99,9 @@ def merge_layers(
             merged[layer], errors[layer] = (up, down), round(error, 6)
         for index, share in zip(present, result.shares, strict=True):
             wins[index] += share
-        if result.winners:
-            free = functions.data_free_winners(config.granularity, ups, downs)
-            for name, winners in result.winners.items():
-                differing += int((winners != free[name]).sum())
-                compared += winners.numel()
+        for winners, free in result.winners.values():
+            differing += int((winners != free).sum())
+            compared += winners.numel()
     report: dict[str, Any] = {"storage": "svd" if errors else "exact"}
     if config.method == "co_merge":
         report["win_share"] = {
@@ -127,7 +125,8 @@ class _LayerMerge:
     exact: tuple[torch.Tensor, torch.Tensor] | None  # (up, down) when the merge is exactly a LoRA
     delta: torch.Tensor | None  # the merged delta otherwise
     shares: list[float]  # each participating expert's share of the weights it won
-    winners: dict[str, torch.Tensor] = field(default_factory=dict)  # Co-Merge's winners, by what competed
+    # Co-Merge's winners and the data-free pick of the same rule (functions.data_free_winners), by what competed
+    winners: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics) -> _LayerMerge:
@@ -151,19 +150,22 @@ def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics
     stats = [expert_statistics[layer] for expert_statistics in statistics]
     if config.granularity == "row":
         up, down, winners = functions.co_merge_rows(ups, downs, torch.stack([stat["output"] for stat in stats]))
-        return _LayerMerge((up, down), None, _shares(winners, count), {"rows": winners})
+        free = functions.data_free_winners("row", ups, downs)
+        return _LayerMerge((up, down), None, _shares(winners, count), {"rows": (winners, free["rows"])})
     inputs = torch.stack([stat["input"] for stat in stats])
     if config.granularity == "element":
-        delta, winners = functions.co_merge_elements(
-            torch.stack([up @ down for up, down in zip(ups, downs, strict=True)]), inputs
-        )
-        return _LayerMerge(None, delta, _shares(winners, count), {"elements": winners})
+        deltas = torch.stack([up @ down for up, down in zip(ups, downs, strict=True)])  # (K, out, in)
+        delta, winners = functions.co_merge_elements(deltas, inputs)
+        free = functions.data_free_winners("element", ups, downs, deltas)
+        return _LayerMerge(None, delta, _shares(winners, count), {"elements": (winners, free["elements"])})
     hidden = torch.stack([stat["hidden"] for stat in stats])
     up, down, up_winners, down_winners = functions.co_merge_lora_factors(
         torch.stack(ups), torch.stack(downs), inputs, hidden
     )
+    free = functions.data_free_winners("lora_factor", ups, downs)
     shares = [(a + b) / 2 for a, b in zip(_shares(up_winners, count), _shares(down_winners, count), strict=True)]
-    return _LayerMerge((up, down), None, shares, {"up": up_winners, "down": down_winners})
+    winners = {"up": (up_winners, free["up"]), "down": (down_winners, free["down"])}
+    return _LayerMerge((up, down), None, shares, winners)
 
 
 def _calibrate(experts: list[LoraExpert], config: CoMergeConfig, pipeline: Any):
