@@ -12,7 +12,8 @@ from pathlib import Path
 def run_on_two_processes(script: Path, *arguments: str) -> list[str]:
     """Run `script` with `arguments` on two processes, offline and one thread each; assert it succeeded and that
     each process printed `processes: 2 index: <i>` (the script's proof that it saw the other), and return stdout's
-    lines."""
+    lines. Both processes share one stdout pipe, so a script must write that line with a single `os.write`: `print`
+    with several arguments may issue several writes, and the two processes' pieces then interleave."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with socket.socket() as probe:  # a free port for the processes to meet on
         probe.bind(("127.0.0.1", 0))

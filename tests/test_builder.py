@@ -311,13 +311,15 @@ def test_any_text_to_image_pipeline_and_a_taxonomy_file_are_accepted(tmp_path):
 
 # ----------------------------------------------------------------------------------------- processes and the Hub
 SCRIPT = """
+import os
 import sys
 from accelerate import PartialState
 from safety_dpo.data import CoProV2Builder
 
 builder = CoProV2Builder(concepts={concepts!r}, pairs_per_concept=3, num_inference_steps=2, batch_size=4, shard_size=4)
 builder.build(sys.argv[1], progress=False)
-print("processes:", PartialState().num_processes, "index:", PartialState().process_index)
+state = PartialState()
+os.write(1, f"processes: {{state.num_processes}} index: {{state.process_index}}\\n".encode())  # one write: lines never interleave
 """
 
 

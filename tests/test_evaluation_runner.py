@@ -298,12 +298,13 @@ def test_the_evaluate_metric_module_scores_images_with_the_judge():
 
 # -------------------------------------------------------------------------------------------------------- processes
 SCRIPT = """
+import os
 import sys
 from safety_dpo.data.generation import process_state
 from safety_dpo.evaluation.runner import run_evaluation
 
 state = process_state()
-print("processes:", state.num_processes, "index:", state.process_index, flush=True)
+os.write(1, f"processes: {state.num_processes} index: {state.process_index}\\n".encode())  # one write: lines never interleave
 run_evaluation(sys.argv[1], limit=1, progress=False)
 """
 
