@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from safety_dpo.trainer.losses import diffusion_dpo_loss, per_sample_mse, reward_accuracy
+from safety_dpo.trainer.losses import diffusion_dpo_loss, per_sample_mse, reward_accuracy, safety_dpo_loss
 
 # One pair where the policy improved on the chosen image and got worse on the rejected one, one where it did the
 # opposite. logits = (ref_w - pol_w) - (ref_l - pol_l):
@@ -91,3 +91,48 @@ def test_the_loss_gradient_lowers_the_policy_error_on_the_chosen_image():
 def test_bad_settings_are_refused(beta, loss_type, message):
     with pytest.raises(ValueError, match=message):
         loss(beta, loss_type)
+
+
+# ------------------------------------------------------------------------------------------ the added terms
+DPO_LOSSES = torch.tensor([0.5, 1.5])  # mean 1.0
+
+
+def test_without_added_terms_the_objective_is_the_mean_dpo_loss():
+    loss, parts = safety_dpo_loss(DPO_LOSSES, POLICY_CHOSEN)
+    assert loss.item() == pytest.approx(1.0) and set(parts) == {"dpo"}
+
+
+def test_the_supervised_term_adds_rpo_alpha_times_the_chosen_denoising_error():
+    # mean(policy chosen mse) = (0.20 + 0.35) / 2 = 0.275; 1.0 + 2 * 0.275 = 1.55
+    loss, parts = safety_dpo_loss(DPO_LOSSES, POLICY_CHOSEN, rpo_alpha=2.0)
+    assert loss.item() == pytest.approx(1.55) and parts["sft"].item() == pytest.approx(0.275)
+
+
+def test_the_preservation_term_adds_its_weight_times_the_mean_prediction_difference():
+    # mean([0.1, 0.3]) = 0.2; 1.0 + 0.5 * 0.275 + 10 * 0.2 = 3.1375
+    loss, parts = safety_dpo_loss(
+        DPO_LOSSES, POLICY_CHOSEN, torch.tensor([0.1, 0.3]), rpo_alpha=0.5, preservation_weight=10.0
+    )
+    assert loss.item() == pytest.approx(3.1375) and parts["preservation"].item() == pytest.approx(0.2)
+
+
+def test_the_added_terms_pull_gradients_towards_the_safe_image_and_the_reference():
+    policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
+    preservation = torch.tensor([0.1, 0.3], requires_grad=True)
+    loss, _ = safety_dpo_loss(DPO_LOSSES, policy_chosen, preservation, rpo_alpha=2.0, preservation_weight=4.0)
+    loss.backward()
+    assert policy_chosen.grad.tolist() == pytest.approx([1.0, 1.0])  # d/dx of 2 * mean: lower the safe error
+    assert preservation.grad.tolist() == pytest.approx([2.0, 2.0])  # 4 * mean: lower the drift from the reference
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"rpo_alpha": -1.0}, "rpo_alpha must be >= 0"),
+        ({"preservation_weight": -1.0}, "preservation_weight must be >= 0"),
+        ({"preservation_weight": 1.0}, "needs preservation_mse"),
+    ],
+)
+def test_the_objective_rejects_bad_weights(settings, match):
+    with pytest.raises(ValueError, match=match):
+        safety_dpo_loss(DPO_LOSSES, POLICY_CHOSEN, **settings)

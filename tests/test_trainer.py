@@ -13,6 +13,8 @@ from transformers import TrainerCallback
 from safety_dpo.data import CoProV2Builder
 from safety_dpo.trainer import SafetyDPOConfig, SafetyDPOTrainer
 from safety_dpo.trainer.adapter_io import LORA_WEIGHT_NAME, METADATA_NAME
+from safety_dpo.trainer.components import encode_prompts
+from safety_dpo.trainer.data import retain_prompts
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +227,101 @@ def test_images_of_another_size_are_resized_and_label_0_orients_the_pairs(tmp_pa
     assert example["pixels_chosen"][2].mean() > example["pixels_chosen"][1].mean()
 
 
+# ------------------------------------------------------------------------------- the supervised and preservation terms
+def tiny_trainer(tmp_path, name: str, **overrides) -> SafetyDPOTrainer:
+    from diffusers import StableDiffusionPipeline
+
+    settings = {"max_steps": 6, "learning_rate": 5e-2, "logging_steps": 1, "output_dir": str(tmp_path / name)}
+    return SafetyDPOTrainer(
+        model=StableDiffusionPipeline(**get_dummy_sd_components()),
+        args=config(tmp_path, **{**settings, **overrides}),
+        train_dataset=tiny_pairs(),
+    )
+
+
+@torch.no_grad()
+def errors_after_training(trainer: SafetyDPOTrainer, prompts: list[str]) -> dict[str, float]:
+    """On fixed noise and timesteps: the policy's denoising error on the safe images under `prompts`, and the mean
+    squared difference between the policy's and the reference's predictions there."""
+    generator = torch.Generator().manual_seed(0)
+    cache = trainer.train_dataset.cache
+    latents = cache["chosen_mean"][: len(prompts)]
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(100, 900, (len(prompts),), generator=generator)
+    noisy = trainer.components.noise_scheduler.add_noise(latents, noise, timesteps)
+    embeds = encode_prompts(trainer.components, prompts)["prompt_embeds"]
+    policy = trainer.model(noisy, timesteps, embeds)
+    reference = trainer.model.reference(noisy, timesteps, embeds)
+    return {"safe_error": float(((policy - noise) ** 2).mean()), "drift": float(((policy - reference) ** 2).mean())}
+
+
+def test_the_supervised_term_lowers_the_safe_images_denoising_error_and_is_logged(tmp_path):
+    unsafe_prompts = [f"a knife number {i}" for i in range(4)]
+    errors = {}
+    for name, rpo_alpha in (("dpo", None), ("rpo", 1.0)):
+        trainer = tiny_trainer(tmp_path, name, rpo_alpha=rpo_alpha, beta=1.0)
+        trainer.train()
+        errors[name] = errors_after_training(trainer, unsafe_prompts)["safe_error"]
+    assert errors["rpo"] < errors["dpo"]
+    logged = [entry for entry in trainer.state.log_history if "loss/sft" in entry]
+    assert logged and all("loss/dpo" in entry for entry in logged)
+
+
+def test_the_preservation_term_keeps_predictions_on_benign_prompts_near_the_base_model(tmp_path):
+    benign = ["a spoon number 0", "a cat", "a red ball", ""]
+    drift = {}
+    for name, weight in (("without", 0.0), ("with", 1000.0)):
+        trainer = tiny_trainer(tmp_path, name, preservation_weight=weight, preservation_prompts=benign)
+        trainer.train()
+        drift[name] = errors_after_training(trainer, benign)["drift"]
+    assert drift["without"] > 0 and drift["with"] < 0.5 * drift["without"]
+    assert any("loss/preservation" in entry for entry in trainer.state.log_history)
+    training = json.loads(json.dumps(trainer.adapter_metadata()["training"]))
+    assert training["preservation_weight"] == 1000.0 and training["preservation_prompts"]["count"] == 4
+
+
+def test_the_preservation_term_keeps_the_safe_prompts_and_the_other_categories_by_default(tmp_path):
+    trainer = tiny_trainer(tmp_path, "safe", preservation_weight=1.0)
+    assert len(trainer.preservation_conditioning["prompt_embeds"]) == 4  # "a spoon number 0" ... 3
+    trainer.train()
+    assert trainer.state.global_step == 6
+    rows = datasets.concatenate_datasets([tiny_pairs(), tiny_pairs(category="sexual").map(
+        lambda row: {"unsafe_prompt": row["unsafe_prompt"].replace("knife", "nude")}
+    )])  # fmt: skip
+    assert retain_prompts(rows, ["violence"]) == [f"a nude number {i}" for i in range(4)] + [
+        f"a spoon number {i}" for i in range(4)
+    ]
+    assert retain_prompts(rows, None) == [f"a spoon number {i}" for i in range(4)]
+
+
 # ----------------------------------------------------------------------------------------------------- bad input
 def test_a_dataset_missing_columns_is_refused_with_the_columns_listed(pairs, tmp_path):
     with pytest.raises(ValueError, match=r"lacks the columns \['jpg_1', 'safe_prompt'\]"):
         SafetyDPOTrainer(args=config(tmp_path), train_dataset=pairs.remove_columns(["jpg_1", "safe_prompt"]))
+
+
+def test_preservation_without_benign_prompts_is_refused(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    with pytest.raises(ValueError, match="needs benign prompts: pass preservation_prompts"):
+        SafetyDPOTrainer(
+            model=StableDiffusionPipeline(**get_dummy_sd_components()),
+            args=config(tmp_path, preservation_weight=1.0, prompt_condition="unsafe"),
+            train_dataset=tiny_pairs().remove_columns("safe_prompt"),
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("rpo_alpha", -0.5, "rpo_alpha must be >= 0"),
+        ("preservation_weight", -1.0, "preservation_weight must be >= 0"),
+        ("preservation_prompts", [], "preservation_prompts is empty"),
+    ],
+)
+def test_config_rejects_bad_added_term_settings(tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **{field: value})
 
 
 def test_a_category_absent_from_the_dataset_is_refused_with_those_present(pairs, tmp_path):

@@ -38,6 +38,22 @@ class SafetyDPOConfig(TrainingArguments):
             Probability of conditioning a pair on the empty prompt instead (SafetyDPO uses 0.2), which keeps
             classifier-free guidance working.
 
+        > Keeping what the expert should not change (off by default: the paper's loss)
+
+        rpo_alpha (`float` or `None`, defaults to `None`):
+            Weight of a supervised term, the preferred (safe) image's denoising error, added to the DPO loss (trl's
+            `rpo_alpha`). DPO optimises only the gap between the safe and the unsafe image's errors, and the cheapest
+            way to widen it is often to denoise both worse; this term makes the expert draw the safe image instead.
+            `None`: no term.
+        preservation_weight (`float`, defaults to `0.0`):
+            Weight of a preservation term: the mean squared difference between the expert's and the base model's
+            predictions on benign prompts (`preservation_prompts`), at the same noisy latents as the pair. It keeps
+            the expert from changing anything but the harmful concepts. `0`: no term.
+        preservation_prompts (`list[str]` or `None`, defaults to `None`):
+            The benign prompts of the preservation term; each step draws one per pair. `None`: the dataset's safe
+            prompts (benign by construction) and the unsafe prompts of the categories the expert does not remove
+            (`trainer.data.retain_prompts`), so that one expert leaves the other categories to their own experts.
+
         > The expert
 
         categories (`list[str]` or `None`, defaults to `None`):
@@ -78,6 +94,18 @@ class SafetyDPOConfig(TrainingArguments):
     )
     empty_prompt_probability: float = field(
         default=0.2, metadata={"help": "Probability of conditioning on the empty prompt (paper: 0.2)."}
+    )
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "Weight of the safe image's denoising error added to the DPO loss (trl's)."}
+    )
+    preservation_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the prediction-preservation term on benign prompts (0: off)."}
+    )
+    preservation_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts of the preservation term; default: the safe prompts and other categories' unsafe ones."
+        },
     )
     categories: list[str] | None = field(
         default=None, metadata={"help": "Train on the rows of these categories only (one category = one expert)."}
@@ -122,6 +150,12 @@ class SafetyDPOConfig(TrainingArguments):
                 f"prompt_condition={self.prompt_condition!r} is not supported; use one of "
                 f"{', '.join(PROMPT_CONDITIONS)}."
             )
+        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
+            raise ValueError(f"rpo_alpha must be >= 0 or None, got {self.rpo_alpha}.")
+        if not self.preservation_weight >= 0:
+            raise ValueError(f"preservation_weight must be >= 0, got {self.preservation_weight}.")
+        if self.preservation_prompts is not None and not self.preservation_prompts:
+            raise ValueError("preservation_prompts is empty; pass None to use the dataset's safe prompts.")
         for name, value in (("beta", self.beta), ("alpha", self.alpha)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")

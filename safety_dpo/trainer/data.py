@@ -79,6 +79,27 @@ def unsafe_prompts(dataset) -> list[str]:
     return list(dataset[column])
 
 
+def retain_prompts(dataset, categories: list[str] | None) -> list[str]:
+    """What an expert should leave as it is, as prompts: every safe prompt of the dataset, and the unsafe prompts of
+    the categories it does not remove (all of them benign to this expert). Sorted and without duplicates.
+
+    Raises:
+        ValueError: If the dataset yields no such prompt (no `safe_prompt` column and no other category).
+    """
+    columns = dataset.column_names
+    prompts = set(dataset["safe_prompt"]) if "safe_prompt" in columns else set()
+    if categories is not None and "category" in columns and {"unsafe_prompt", "caption"} & set(columns):
+        rows = zip(unsafe_prompts(dataset), dataset["category"], strict=True)
+        prompts |= {prompt for prompt, category in rows if category not in categories}
+    prompts.discard(None)
+    if not prompts:
+        raise ValueError(
+            "preservation_weight > 0 needs benign prompts: pass preservation_prompts, or train on a dataset with a "
+            f"safe_prompt column or with other categories than the expert's (this one has columns {columns})."
+        )
+    return sorted(prompts)
+
+
 def image_to_pixels(image: Any, resolution: int, row: int) -> torch.Tensor:
     """An image (PIL, or bytes/path dict) as a (3, R, R) tensor in [-1, 1]: shorter side resized, centre-cropped.
 

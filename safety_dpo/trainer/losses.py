@@ -100,6 +100,60 @@ def diffusion_dpo_loss(
     )
 
 
+def safety_dpo_loss(
+    dpo_losses: torch.Tensor,
+    policy_chosen_mse: torch.Tensor,
+    preservation_mse: torch.Tensor | None = None,
+    rpo_alpha: float | None = None,
+    preservation_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training objective: the Diffusion-DPO loss, plus two optional terms that keep what the expert should not
+    change.
+
+        loss = mean(dpo) + rpo_alpha * mean(mse_policy(w)) + preservation_weight * mean(mse(eps_policy, eps_ref | benign))
+
+    - The supervised term (trl's `rpo_alpha`, from RPO, Pang et al. 2024, arXiv 2404.19733, eq. 5, where it is the
+      chosen answer's NLL; for a diffusion model the chosen image's denoising error, the Diffusion-DPO paper's own
+      SFT objective). DPO only optimises the gap between the chosen and the rejected error, so both may rise
+      together: the model learns to draw the unsafe image worse, not the safe one better. This term holds the
+      chosen error down, so the expert has to draw the safe counterpart.
+    - The preservation term: the policy's prediction held to the reference's (the base model) on benign
+      conditioning, as concept-erasure methods preserve other concepts (ESD, Gandikota et al. 2023; UCE's preserved
+      set; EraseAnything's anchor loss): whatever the expert changes must be specific to the harmful concepts.
+
+    `rpo_alpha=None` and `preservation_weight=0` give the paper's loss.
+
+    Args:
+        dpo_losses: (B,) per-pair Diffusion-DPO losses (`diffusion_dpo_loss(...).losses`).
+        policy_chosen_mse: (B,) the trained model's denoising error on the preferred images.
+        preservation_mse: (P,) per-sample `mse(policy prediction, reference prediction)` on benign conditioning, or
+            None when there is no preservation term.
+        rpo_alpha: Weight of the supervised term; None: no term.
+        preservation_weight: Weight of the preservation term.
+
+    Returns:
+        The scalar loss, and its parts (`dpo`, and `sft` / `preservation` when present, unweighted) for logging.
+
+    Raises:
+        ValueError: If a weight is negative, or `preservation_weight > 0` without `preservation_mse`.
+    """
+    if rpo_alpha is not None and rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0 or None, got {rpo_alpha}.")
+    if preservation_weight < 0:
+        raise ValueError(f"preservation_weight must be >= 0, got {preservation_weight}.")
+    parts = {"dpo": dpo_losses.mean()}
+    loss = parts["dpo"]
+    if rpo_alpha is not None:
+        parts["sft"] = policy_chosen_mse.mean()
+        loss = loss + rpo_alpha * parts["sft"]
+    if preservation_weight > 0:
+        if preservation_mse is None:
+            raise ValueError("preservation_weight > 0 needs preservation_mse (the predictions on benign prompts).")
+        parts["preservation"] = preservation_mse.mean()
+        loss = loss + preservation_weight * parts["preservation"]
+    return loss, {name: value.detach() for name, value in parts.items()}
+
+
 def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
     """Share of pairs whose chosen reward beats the rejected one; a tie counts one half (as diffusers' script)."""
     wins = (chosen_rewards > rejected_rewards).float()

@@ -21,8 +21,8 @@ from transformers import Trainer, set_seed
 from safety_dpo.trainer import adapter_io
 from safety_dpo.trainer.components import DPOUNet, encode_images, encode_prompts, load_components, sdxl_time_ids
 from safety_dpo.trainer.config import SafetyDPOConfig
-from safety_dpo.trainer.data import PairExamples, collate_examples, precompute, prepare_pairs
-from safety_dpo.trainer.losses import diffusion_dpo_loss, per_sample_mse, reward_accuracy
+from safety_dpo.trainer.data import PairExamples, collate_examples, precompute, prepare_pairs, retain_prompts
+from safety_dpo.trainer.losses import diffusion_dpo_loss, per_sample_mse, reward_accuracy, safety_dpo_loss
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class SafetyDPOTrainer(Trainer):
         train_examples = self._examples(train_pairs, args, "train")
         eval_examples = self._examples(eval_pairs, args, "eval") if eval_pairs is not None else None
         self.empty_prompt = {key: value[0] for key, value in encode_prompts(self.components, [""]).items()}
+        self.preservation_conditioning = self._preservation_conditioning(args, train_dataset)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=DPOUNet(self.components.unet),
@@ -103,6 +104,20 @@ class SafetyDPOTrainer(Trainer):
         # digest is how a merge proves it. A resumed run draws the same initial factors, so it records the same one.
         self.lora_init_sha256 = lora_init_digest(self.components.unet)
 
+    def _preservation_conditioning(self, args: SafetyDPOConfig, dataset) -> dict[str, torch.Tensor] | None:
+        """The benign prompts of the preservation term, encoded once: key -> (P, ...) on the CPU."""
+        if args.preservation_weight == 0:
+            return None
+        prompts = args.preservation_prompts or retain_prompts(dataset, args.categories)
+        encoded: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for start in range(0, len(prompts), args.precompute_batch_size):
+                batch = list(prompts[start : start + args.precompute_batch_size])
+                for key, value in encode_prompts(self.components, batch).items():
+                    encoded.setdefault(key, []).append(value.float().cpu())
+        logger.info("Preservation term: %d benign prompts, weight %s.", len(prompts), args.preservation_weight)
+        return {key: torch.cat(values) for key, values in encoded.items()}
+
     def _examples(self, pairs, args: SafetyDPOConfig, split: str) -> PairExamples:
         cache = None
         if args.precompute:
@@ -133,29 +148,53 @@ class SafetyDPOTrainer(Trainer):
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r}.")
-        unet_inputs = {"encoder_hidden_states": conditioning["prompt_embeds"].repeat(2, 1, 1)}
+        conditioning = {key: value.repeat(2, *([1] * (value.ndim - 1))) for key, value in conditioning.items()}
+        benign = self._benign_conditioning(batch, chosen.device) if model.training else None
+        if benign is not None:  # (3B, ...): the safe images' noisy latents once more, under benign prompts
+            noisy, timesteps = torch.cat([noisy, noisy[:batch]]), torch.cat([timesteps, timesteps[:batch]])
+            conditioning = {key: torch.cat([value, benign[key]]) for key, value in conditioning.items()}
+        unet_inputs = {"encoder_hidden_states": conditioning["prompt_embeds"]}
         if "pooled_prompt_embeds" in conditioning:
             unet_inputs["added_cond_kwargs"] = {
-                "text_embeds": conditioning["pooled_prompt_embeds"].repeat(2, 1),
-                "time_ids": sdxl_time_ids(self.resolution, 2 * batch, chosen.device),
+                "text_embeds": conditioning["pooled_prompt_embeds"],
+                "time_ids": sdxl_time_ids(self.resolution, len(noisy), chosen.device),
             }
         unwrapped = self.accelerator.unwrap_model(model)
         dtype = self.components.unet.dtype
         noisy, unet_inputs = noisy.to(dtype), _cast(unet_inputs, dtype)
-        policy_mse = per_sample_mse(model(noisy, timesteps, **unet_inputs), target)
-        reference_mse = per_sample_mse(unwrapped.reference(noisy, timesteps, **unet_inputs), target)
+        policy_prediction = model(noisy, timesteps, **unet_inputs)
+        reference_prediction = unwrapped.reference(noisy, timesteps, **unet_inputs)
+        policy_mse = per_sample_mse(policy_prediction[: 2 * batch], target)
+        reference_mse = per_sample_mse(reference_prediction[: 2 * batch], target)
         output = diffusion_dpo_loss(
             *policy_mse.chunk(2), *reference_mse.chunk(2), beta=self.args.beta, loss_type=self.args.loss_type
         )
-        loss = output.losses.mean()
+        preservation_mse = None
+        if benign is not None:
+            preservation_mse = per_sample_mse(policy_prediction[2 * batch :], reference_prediction[2 * batch :])
+        loss, parts = safety_dpo_loss(
+            output.losses,
+            policy_mse[:batch],
+            preservation_mse,
+            rpo_alpha=self.args.rpo_alpha,
+            preservation_weight=self.args.preservation_weight if benign is not None else 0.0,
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"The DPO loss is {loss.item()} at step {self.state.global_step}. Nothing of this step was saved; "
                 f"the last checkpoint in {self.args.output_dir} is intact. Lower learning_rate or beta, or train in "
                 "float32, and resume from that checkpoint."
             )
-        self._record(mode, output, policy_mse, reference_mse)
+        self._record(mode, output, policy_mse, reference_mse, parts)
         return (loss, {"logits": output.logits}) if return_outputs else loss
+
+    def _benign_conditioning(self, batch: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """One benign prompt per pair, drawn from the preservation prompts (None without a preservation term)."""
+        if self.preservation_conditioning is None:
+            return None
+        bank = self.preservation_conditioning
+        chosen = torch.randint(0, len(bank["prompt_embeds"]), (batch,))
+        return {key: value[chosen].to(device) for key, value in bank.items()}
 
     def _latents_and_conditioning(self, inputs: dict[str, Any]):
         device = self.args.device
@@ -178,10 +217,13 @@ class SafetyDPOTrainer(Trainer):
                 conditioning[key] = torch.where(mask, empty, value)
         return chosen.to(device).float(), rejected.to(device).float(), conditioning
 
-    def _record(self, mode: str, output, policy_mse: torch.Tensor, reference_mse: torch.Tensor) -> None:
+    def _record(self, mode: str, output, policy_mse: torch.Tensor, reference_mse: torch.Tensor, parts) -> None:
         gather = self.accelerator.gather_for_metrics
         chosen, rejected = gather(output.chosen_rewards), gather(output.rejected_rewards)
         metrics = self._metrics[mode]
+        if len(parts) > 1:  # the loss has more than its DPO term: log each part (trl logs "nll_loss" for rpo_alpha)
+            for name, value in parts.items():
+                metrics[f"loss/{name}"].append(gather(value.reshape(1)).mean().item())
         metrics["rewards/chosen"].append(chosen.mean().item())
         metrics["rewards/rejected"].append(rejected.mean().item())
         metrics["rewards/margins"].append((chosen - rejected).mean().item())
@@ -242,6 +284,9 @@ class SafetyDPOTrainer(Trainer):
                 "loss_type": args.loss_type,
                 "prompt_condition": args.prompt_condition,
                 "empty_prompt_probability": args.empty_prompt_probability,
+                "rpo_alpha": args.rpo_alpha,
+                "preservation_weight": args.preservation_weight,
+                "preservation_prompts": _describe_prompts(args.preservation_prompts),
                 "learning_rate": args.learning_rate,
                 "steps": self.state.global_step,
                 "per_device_train_batch_size": args.per_device_train_batch_size,
@@ -256,6 +301,13 @@ class SafetyDPOTrainer(Trainer):
         """Write the adapter card (`hub_cards/adapter_card.md`) as `README.md` in `output_dir`."""
         if self.is_world_process_zero():
             adapter_io.write_card(self.args.output_dir, self.adapter_metadata(), repo_id=self.hub_model_id)
+
+
+def _describe_prompts(prompts: list[str] | None) -> dict[str, Any] | str:
+    if prompts is None:
+        return "the dataset's safe prompts and the other categories' unsafe prompts"
+    joined = "\n".join(prompts).encode()
+    return {"count": len(prompts), "sha256": hashlib.sha256(joined).hexdigest(), "first": prompts[0]}
 
 
 def lora_init_digest(unet: torch.nn.Module) -> str:
