@@ -38,7 +38,15 @@ MICROWORLD_TRAINING: dict[str, Any] = {
     "learning_rate": 3e-3,
     "beta": 250.0,
     "target_modules": ["attn2.to_k", "attn2.to_v"],
+    "rank": 16,
+    "rpo_alpha": 100.0,
+    "preservation_weight": 30.0,
 }
+# The microworld's merge: element-wise Co-Merge. With the specific experts above, row-wise Co-Merge (the library's
+# default, exact for any experts) keeps only a seventh of each expert's rows and leaves IP at 0.25; element-wise keeps
+# each expert's largest weights (IP 0.07 at the same fidelity), and the sum of the experts' ranks covers every K/V
+# layer of the microworld, so its SVD storage is exact (docs/results.md, merging ablation).
+MICROWORLD_MERGE: dict[str, Any] = {"granularity": "element"}
 # Real models on one GPU: the SafetyDPO authors' launchers (examples/train_safety_expert.py, docs/gpu.md): batch
 # 4 x 4 accumulated, 2000 steps, their lr 1e-5 scaled by the total batch, beta_dpo 5000 = our beta 2500 (the default).
 PAPER_TRAINING: dict[str, Any] = {
@@ -77,7 +85,9 @@ def align(
         model: A Stable Diffusion 1.x/2.x or SDXL pipeline (path or Hub id); None: the microworld.
         categories: Harm categories to remove; None: all of the taxonomy's.
         prompt_writer: "template" (the microworld's grammar), "transformers:MODEL_ID" or "openai:BASE_URL".
-        merge_method: `CoMergeConfig.method`: "co_merge" (default) or a baseline ("linear", "ties", ...).
+        merge_method: `CoMergeConfig.method`: "co_merge" (default) or a baseline ("linear", "ties", ...). Co-Merge
+            uses `MICROWORLD_MERGE` (element-wise) in the microworld and `CoMergeConfig`'s defaults (row-wise) for a
+            real model.
         pairs_per_concept: CoProV2 prompt pairs per concept.
         training: `SafetyDPOConfig` fields for every expert, over the defaults (`MICROWORLD_TRAINING` in the
             microworld, `PAPER_TRAINING` otherwise).
@@ -113,7 +123,9 @@ def align(
     }
     from safety_dpo.merging import CoMergeConfig
 
-    merge_config = CoMergeConfig(method=merge_method, seed=seed)  # a bad method fails here, before any work
+    merge_settings = MICROWORLD_MERGE if model is None and merge_method == "co_merge" else {}
+    settings["merge"] = dict(merge_settings)
+    merge_config = CoMergeConfig(method=merge_method, seed=seed, **merge_settings)  # bad input fails before any work
     state = _claim(output_dir, settings)
     data_dir, experts_dir = output_dir / "data", output_dir / "experts"
     adapter_dir, evaluation_dir = output_dir / ADAPTER_DIR, output_dir / "evaluation"

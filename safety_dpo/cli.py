@@ -127,8 +127,18 @@ def _add_build_data(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     """Train one safety expert, one per category, or one LoRA on several categories."""
+    from safety_dpo.align import MICROWORLD_TRAINING, given_training_flags
     from safety_dpo.trainer.experts import train_experts
 
+    settings = given_training_flags(args.extra)  # a bad flag fails here, before any work
+    if args.model is None:
+        # The embedded default gets the settings that work there, as `safety-dpo align` uses them; the paper's
+        # SafetyDPOConfig defaults barely move the tiny checkpoint (docs/training.md). Flags still win.
+        settings = {**MICROWORLD_TRAINING, **settings}
+        shown = ", ".join(f"{key}={value}" for key, value in MICROWORLD_TRAINING.items())
+        print(f"No --model: the microworld, with its training settings ({shown}) under your flags.")
+    max_steps = args.max_steps if args.max_steps is not None else settings.pop("max_steps", None)
+    settings.pop("max_steps", None)
     trained = train_experts(
         dataset=args.dataset,
         output_dir=args.output_dir,
@@ -136,8 +146,8 @@ def _run_train(args: argparse.Namespace) -> int:
         category=args.category,
         categories=args.categories,
         all_categories=args.all_categories,
-        max_steps=args.max_steps,
-        config_flags=args.extra,
+        max_steps=max_steps,
+        **settings,
     )
     for directory in trained:
         print(f"Safety expert written to {directory} (load it with pipe.load_lora_weights).")
@@ -152,7 +162,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "--categories a,b one LoRA on several categories; --all-categories one expert per category into "
         "OUTPUT_DIR/<category>/, one after another, resuming where a previous run stopped. Every SafetyDPOConfig "
         "and TrainingArguments field is accepted as a flag (--learning_rate 1e-4, --beta 2500, "
-        "--per_device_train_batch_size 8, --bf16, ...).",
+        "--per_device_train_batch_size 8, --bf16, ...). Without --model (the microworld) the defaults are the "
+        "microworld's training settings of `safety-dpo align` (MICROWORLD_TRAINING); with --model, SafetyDPOConfig's.",
     )
     parser.add_argument("--dataset", required=True, help="CoProV2 dataset: a build-data folder or a Hub id.")
     which = parser.add_mutually_exclusive_group(required=True)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from safety_dpo import __version__
+from safety_dpo.align import MICROWORLD_TRAINING
 from safety_dpo.cli import build_parser, main
 
 
@@ -82,12 +83,17 @@ def test_train_all_categories_writes_one_expert_per_category_and_skips_finished_
     assert main(command) == 0
     for category in ("hate", "violence"):
         metadata = json.loads((tmp_path / "x" / category / "safety_dpo.json").read_text())
-        assert metadata["categories"] == [category] and metadata["training"]["beta"] == 1000.0
+        assert metadata["categories"] == [category] and metadata["training"]["beta"] == 1000.0  # the flag wins
         assert metadata["dataset"] == str(tmp_path / "data")
+        # no --model: the microworld's settings of `safety-dpo align` under the flags, not the paper's defaults
+        assert metadata["lora"]["target_modules"] == MICROWORLD_TRAINING["target_modules"]
+        assert metadata["training"]["rpo_alpha"] == MICROWORLD_TRAINING["rpo_alpha"]
+        assert metadata["training"]["steps"] == 2
     written = (tmp_path / "x" / "hate" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
     assert main(command) == 0  # both finished: nothing is retrained
     assert (tmp_path / "x" / "hate" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == written
-    assert capsys.readouterr().out.count("Safety expert written to") == 4
+    output = capsys.readouterr().out
+    assert output.count("Safety expert written to") == 4 and "No --model: the microworld" in output
 
 
 def test_train_refuses_an_unknown_config_flag(tmp_path, capsys):
