@@ -77,8 +77,37 @@ def test_the_concept_scaling_compares_co_merge_and_all_single_per_share(tmp_path
     assert (
         rows[0].get("ip_kept") is not None and rows[2].get("ip_kept") is None
     )  # nothing is kept when all are removed
-    assert "0.95x base" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "floor 0.9x" in table and "floor 0.95x" in table
     assert (tmp_path / "scaling.png").is_file()
+    merged = json.loads((tmp_path / "share-0.25" / "co_merge" / "safety_dpo.json").read_text())
+    assert merged["merge_config"]["granularity"] == "element"  # align's microworld merge
+
+
+def test_the_specific_erasure_measures_each_setting_on_its_category_the_neutral_and_the_other_categories(
+    tmp_path, dataset
+):
+    paper = '{"rank": 4, "rpo_alpha": null, "preservation_weight": 0}'
+    arguments = ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED[2:], "--category", "violence"]
+    load("specific_erasure").main([*arguments, "--setting", f"paper loss={paper}", "--setting", "default={}"])
+    rows = rows_of(tmp_path)
+    assert [row["name"] for row in rows] == ["base", "paper loss", "default"]
+    assert rows[0]["collateral_ratio"] == 1.0 and rows[0]["neutral_unchanged"] == 1.0
+    assert {"unsafe", "unsafe_held_out", "neutral", "collateral"} <= set(rows[1]["ip_values"])
+    assert rows[1]["redirect"] is not None and rows[2]["collateral_ratio"] is not None
+    paper = json.loads((tmp_path / "experts" / "paper_loss" / "safety_dpo.json").read_text())
+    default = json.loads((tmp_path / "experts" / "default" / "safety_dpo.json").read_text())
+    assert (paper["training"]["rpo_alpha"], paper["training"]["preservation_weight"], paper["lora"]["rank"]) == (
+        None,
+        0,
+        4,
+    )
+    assert (default["training"]["rpo_alpha"], default["training"]["preservation_weight"], default["lora"]["rank"]) == (
+        100,
+        30,
+        16,
+    )  # align's microworld expert
+    assert "other categories" in default["training"]["preservation_prompts"]  # the default: retain prompts
 
 
 def test_the_data_scaling_builds_and_trains_per_size(tmp_path):

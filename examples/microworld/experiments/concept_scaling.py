@@ -8,7 +8,8 @@ For each share of the harmful concepts (1/8, 1/4, 1/2, all: the first 1, 2, 4 or
 Co-Merge of one expert per category trained on its chosen concepts, and All-single trained on all the chosen
 concepts with the experts' total steps. Measured on the test prompts: IP on the removed concepts (trained and
 held-out names), IP on the harmful concepts kept, neutral fidelity. The paper's claim is read off as the number of
-concepts each removes before neutral fidelity falls under 0.95x base. Writes table.md, table.json and scaling.png.
+concepts each removes before neutral fidelity falls under 0.9x base (and 0.95x). Co-Merge uses `safety-dpo align`'s
+microworld merge (`MICROWORLD_MERGE`). Writes table.md, table.json and scaling.png.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
-FIDELITY_FLOOR = 0.95
+from safety_dpo.align import MICROWORLD_MERGE  # noqa: E402
+
+FIDELITY_FLOORS = (0.9, 0.95)
 COLUMNS = {
     "name": "method",
     "concepts": "concepts removed",
@@ -84,7 +87,7 @@ def main(argv=None) -> str:
             experts.append(
                 reuse or common.train_expert(dataset, out / label / "experts" / category, [category], settings, mine)
             )
-        merged = common.merge(experts, out / label / "co_merge", calibration_dataset=str(dataset))
+        merged = common.merge(experts, out / label / "co_merge", calibration_dataset=str(dataset), **MICROWORLD_MERGE)
         total = {**settings, "max_steps": settings["max_steps"] * len(categories)}
         single = (args.all_single if every and args.all_single else None) or common.train_expert(
             dataset, out / label / "all-single", categories, total, concepts
@@ -104,23 +107,24 @@ def main(argv=None) -> str:
 
 
 def reading(rows: list[dict]) -> str:
-    """The number of concepts each method removes before neutral fidelity falls under FIDELITY_FLOOR x base."""
+    """The number of concepts each method removes before neutral fidelity falls under each floor x base."""
     lines = []
-    for method in ("Co-Merge", "All-single"):
-        points = sorted((r["concepts"], r["neutral_fidelity_ratio"]) for r in rows if r["name"] == method)
-        kept = [count for count, ratio in points if ratio >= FIDELITY_FLOOR]
-        below = [count for count, ratio in points if ratio < FIDELITY_FLOOR]
-        if below and (not kept or min(below) < max(kept)):
-            first = min(below)
-            answer = f"fidelity is under {FIDELITY_FLOOR}x base from {first} concepts on"
-            answer += (
-                f" (it holds at {max(c for c in kept if c < first)})"
-                if any(c < first for c in kept)
-                else (" (the smallest share measured)")
-            )
-        else:
-            answer = f"fidelity stays >= {FIDELITY_FLOOR}x base up to {max(kept)} concepts, the most measured"
-        lines.append(f"- {method}: {answer}.")
+    for floor in FIDELITY_FLOORS:
+        for method in ("Co-Merge", "All-single"):
+            points = sorted((r["concepts"], r["neutral_fidelity_ratio"]) for r in rows if r["name"] == method)
+            kept = [count for count, ratio in points if ratio >= floor]
+            below = [count for count, ratio in points if ratio < floor]
+            if below and (not kept or min(below) < max(kept)):
+                first = min(below)
+                answer = f"fidelity is under {floor}x base from {first} concepts on"
+                answer += (
+                    f" (it holds at {max(c for c in kept if c < first)})"
+                    if any(c < first for c in kept)
+                    else " (the smallest share measured)"
+                )
+            else:
+                answer = f"fidelity stays >= {floor}x base up to {max(kept)} concepts, the most measured"
+            lines.append(f"- {method}, floor {floor}x: {answer}.")
     return "\n".join(lines)
 
 
@@ -139,7 +143,8 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].plot([p[0] for p in points], [p[2] for p in points], marker=marker, label=method)
     axes[0].set(xlabel="harmful concepts removed", ylabel="IP on removed concepts (trained names)", ylim=(0, 1))
     axes[1].set(xlabel="harmful concepts removed", ylabel="neutral fidelity / base", ylim=(0, 1.05))
-    axes[1].axhline(FIDELITY_FLOOR, color="grey", linestyle="--", linewidth=1)
+    for floor in FIDELITY_FLOORS:
+        axes[1].axhline(floor, color="grey", linestyle="--", linewidth=1)
     for axis in axes:
         axis.legend()
     figure.tight_layout()

@@ -50,6 +50,7 @@ def main(argv=None) -> str:
     common.add_common_arguments(parser)
     parser.add_argument("--experts-dir", type=Path, help="One expert per category to reuse (default: trained here).")
     parser.add_argument("--variants", help="Comma-separated subset of the merge variants (default: all).")
+    parser.add_argument("--skip-all-single", action="store_true", help="Leave out All-single (one LoRA on all).")
     args = parser.parse_args(argv)
     chosen = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = [name for name in chosen if name not in VARIANTS]
@@ -61,14 +62,17 @@ def main(argv=None) -> str:
     settings = common.training(args)
     experts_dir = args.experts_dir or out / "experts"
     experts = [common.train_expert(dataset, experts_dir / c, [c], settings) for c in categories]
-    all_single = common.train_expert(
-        dataset, out / "all-single", categories, {**settings, "max_steps": settings["max_steps"] * len(categories)}
-    )
+    all_single = None
+    if not args.skip_all_single:
+        all_single = common.train_expert(
+            dataset, out / "all-single", categories, {**settings, "max_steps": settings["max_steps"] * len(categories)}
+        )
     prompts = common.protocol_prompt_set(categories, args.limit)
     base_dir = out / "eval" / "base"
     rows = [common.row("base", common.evaluate(None, out, prompts, base_dir), variant="base")]
     candidates = {f"expert {c}": expert for c, expert in zip(categories, experts, strict=True)}
-    candidates["All-single"] = all_single
+    if all_single is not None:
+        candidates["All-single"] = all_single
     for name in chosen:
         config = {"calibration_dataset": str(dataset), **VARIANTS[name]}
         candidates[name] = common.merge(experts, out / "merged" / slug(name), **config)
