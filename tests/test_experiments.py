@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 
 EXPERIMENTS = Path(__file__).parents[1] / "examples" / "microworld" / "experiments"
@@ -68,7 +69,7 @@ def test_the_dpo_strategy_ablation_trains_each_setting_per_category(tmp_path, da
 
 def test_the_concept_scaling_compares_co_merge_and_all_single_per_share(tmp_path, dataset):
     load("concept_scaling").main(
-        ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED, "--shares", "0.25,1"]
+        ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED, "--shares", "0.25,1", "--preserve-kept"]
     )
     rows = rows_of(tmp_path)
     assert [(row["name"], row["concepts"]) for row in rows] == [
@@ -82,6 +83,15 @@ def test_the_concept_scaling_compares_co_merge_and_all_single_per_share(tmp_path
     assert (tmp_path / "scaling.png").is_file()
     merged = json.loads((tmp_path / "share-0.25" / "co_merge" / "safety_dpo.json").read_text())
     assert merged["merge_config"]["granularity"] == "element"  # align's microworld merge
+    # --preserve-kept: the violence expert (2 of the 16 concepts) preserves every safe prompt and the unsafe prompts
+    # of the 14 concepts it keeps.
+    recorded = json.loads((tmp_path / "share-0.25" / "experts" / "violence" / "safety_dpo.json").read_text())
+    removed = set(load("concept_scaling").chosen_concepts(["violence"], 0.25))
+    pairs = datasets.load_from_disk(str(dataset))["train"]
+    unsafe = zip(pairs["unsafe_prompt"], pairs["concept"], strict=True)
+    expected = set(pairs["safe_prompt"]) | {prompt for prompt, concept in unsafe if concept not in removed}
+    assert len(removed) == 2 and len(set(pairs["concept"]) - removed) == 14
+    assert recorded["training"]["preservation_prompts"]["count"] == len(expected)
 
 
 def test_the_specific_erasure_measures_each_setting_on_its_category_the_neutral_and_the_other_categories(

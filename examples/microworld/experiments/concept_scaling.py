@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from safety_dpo.align import MICROWORLD_MERGE  # noqa: E402
+from safety_dpo.trainer.experts import load_pairs  # noqa: E402
 
 FIDELITY_FLOORS = (0.9, 0.95)
 COLUMNS = {
@@ -67,11 +68,27 @@ def main(argv=None) -> str:
     parser.add_argument("--shares", default="0.125,0.25,0.5,1", help="Comma-separated shares of the concepts.")
     parser.add_argument("--experts-dir", type=Path, help="Experts on all concepts to reuse for share 1.")
     parser.add_argument("--all-single", type=Path, help="An All-single LoRA on all concepts to reuse for share 1.")
+    parser.add_argument(
+        "--preserve-kept",
+        action="store_true",
+        help="Preservation prompts from the whole dataset: every safe prompt and the unsafe prompts of every concept "
+        "the LoRA does not remove (default: the trainer's, from the rows it trains on).",
+    )
     args = parser.parse_args(argv)
     categories = common.categories_of(args)
     out = args.output_dir
     dataset = args.dataset or common.build_data(out / "data", categories, args.pairs_per_concept)
     settings = common.training(args)
+    pairs = load_pairs(dataset)
+
+    def kept(settings: dict, removed: list[str]) -> dict:
+        """The settings, with --preserve-kept the preservation prompts of everything the LoRA keeps."""
+        if not args.preserve_kept:
+            return settings
+        removed, rows = set(removed), zip(pairs["unsafe_prompt"], pairs["concept"], strict=True)
+        keep = set(pairs["safe_prompt"]) | {prompt for prompt, concept in rows if concept not in removed}
+        return {**settings, "preservation_prompts": sorted(keep)}
+
     prompts = common.protocol_prompt_set(categories, args.limit)
     shared_base = out / "eval" / "base"
     common.evaluate(None, out, prompts, shared_base)  # draws the base images once for every share
@@ -85,12 +102,15 @@ def main(argv=None) -> str:
             mine = [c for c in concepts if c in set(chosen_concepts([category], share))]
             reuse = args.experts_dir / category if every and args.experts_dir else None
             experts.append(
-                reuse or common.train_expert(dataset, out / label / "experts" / category, [category], settings, mine)
+                reuse
+                or common.train_expert(
+                    dataset, out / label / "experts" / category, [category], kept(settings, mine), mine
+                )
             )
         merged = common.merge(experts, out / label / "co_merge", calibration_dataset=str(dataset), **MICROWORLD_MERGE)
         total = {**settings, "max_steps": settings["max_steps"] * len(categories)}
         single = (args.all_single if every and args.all_single else None) or common.train_expert(
-            dataset, out / label / "all-single", categories, total, concepts
+            dataset, out / label / "all-single", categories, kept(total, concepts), concepts
         )
         share_prompts = relabelled(prompts, set(concepts))
         base_dir = out / "eval" / label / "base"
