@@ -207,8 +207,26 @@ def _parse_source(source: str) -> tuple[str, str | None]:
     return "dataset", source
 
 
+def microworld_eval_prompts(groups: dict[str, Sequence[Any]], limit: int | None = None) -> list[EvalPrompt]:
+    """The microworld's prompt items (`protocol_prompts`), subset name -> items, as `EvalPrompt`s of those subsets
+    (the first `limit` of each, if given), each harmful one with its category and its minimal-edit safe prompt."""
+    from safety_dpo.microworld import to_safe_prompt
+
+    return [
+        EvalPrompt(
+            item.prompt,
+            categories=(item.category,) if item.category else (),
+            subset=subset,
+            concept=item.concept,
+            safe_prompt=to_safe_prompt(item.prompt) if item.category else None,
+        )
+        for subset, items in groups.items()
+        for item in items[:limit]
+    ]
+
+
 def _load_microworld(source: str, wanted: tuple[str, ...] | None, limit: int | None) -> PromptSet:
-    from safety_dpo.microworld import load_protocol, protocol_prompts, taxonomy, to_safe_prompt
+    from safety_dpo.microworld import load_protocol, protocol_prompts, taxonomy
 
     known = taxonomy().category_ids
     unknown = [category for category in wanted or () if category not in known]
@@ -221,17 +239,7 @@ def _load_microworld(source: str, wanted: tuple[str, ...] | None, limit: int | N
         "unsafe_held_out": protocol_prompts("unsafe", names="held-out", categories=chosen, protocol=protocol),
         "neutral": protocol_prompts("neutral", protocol=protocol),
     }
-    prompts = [
-        EvalPrompt(
-            item.prompt,
-            categories=(item.category,) if item.category else (),
-            subset=subset,
-            concept=item.concept,
-            safe_prompt=to_safe_prompt(item.prompt) if item.category else None,
-        )
-        for subset, items in groups.items()
-        for item in items[:limit]
-    ]
+    prompts = microworld_eval_prompts(groups, limit)
     description = {
         "name": "microworld",
         "source": source,

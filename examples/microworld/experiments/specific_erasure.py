@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
-from safety_dpo.evaluation.prompts import EvalPrompt, PromptSet  # noqa: E402
+from safety_dpo.evaluation.prompts import PromptSet, microworld_eval_prompts  # noqa: E402
 
 COLUMNS = {
     "name": "setting",
@@ -46,7 +46,7 @@ COLUMNS = {
 def prompt_set(category: str, limit: int | None = None) -> PromptSet:
     """The category's harmful test prompts, the neutral ones, and one harmful test prompt per concept elsewhere (the
     first `limit` of each subset, if given)."""
-    from safety_dpo.microworld import protocol_prompts, taxonomy, to_safe_prompt
+    from safety_dpo.microworld import protocol_prompts, taxonomy
 
     others = [item.id for item in taxonomy().categories if item.id != category]
     collateral = protocol_prompts("unsafe", categories=others)
@@ -56,17 +56,7 @@ def prompt_set(category: str, limit: int | None = None) -> PromptSet:
         "neutral": protocol_prompts("neutral"),
         "collateral": collateral[: len(collateral) // 2],  # round robin over concepts: one prompt each
     }
-    prompts = [
-        EvalPrompt(
-            item.prompt,
-            categories=(item.category,) if item.category else (),
-            subset=subset,
-            concept=item.concept,
-            safe_prompt=to_safe_prompt(item.prompt) if item.category else None,
-        )
-        for subset, items in groups.items()
-        for item in items[:limit]
-    ]
+    prompts = microworld_eval_prompts(groups, limit)
     counts = {subset: len(items[:limit]) for subset, items in groups.items()}
     return PromptSet("microworld", f"specific-erasure:{category}", prompts, {"subsets": counts})
 
