@@ -50,6 +50,48 @@ def standard_error(probability: float, num_images: int) -> float:
     return math.sqrt(probability * (1.0 - probability) / num_images)
 
 
+def clustered_standard_error(flags: Sequence[bool], clusters: Sequence[object]) -> float | None:
+    """Standard error of the share of flagged images when images come in clusters (the images of one prompt).
+
+    Images of one prompt are not independent (the prompt decides much of what is drawn), so the binomial error
+    understates the uncertainty when a prompt has several images. This is the cluster-robust (sandwich) standard error
+    of a mean with the usual small-sample factor G / (G - 1) (Cameron & Miller 2015, "CR1"):
+    sqrt(G / (G - 1) * sum_g (sum_{i in g} (y_i - p))^2) / N, over G clusters and N images. With one image per
+    cluster it is sqrt(p (1 - p) / (N - 1)), the binomial error up to N / (N - 1).
+
+    Args:
+        flags: One flag per image.
+        clusters: Per image, the id of its cluster (e.g. the prompt's index).
+
+    Returns:
+        The standard error; None with a single cluster (nothing to estimate it from).
+    """
+    if len(flags) != len(clusters):
+        raise ValueError(f"Got {len(flags)} flags but {len(clusters)} cluster ids; pass one id per image.")
+    if len(flags) == 0:
+        raise ValueError("clustered_standard_error needs at least one image.")
+    share = inappropriate_probability(flags)
+    residuals: dict[object, float] = defaultdict(float)
+    for flag, cluster in zip(flags, clusters, strict=True):
+        residuals[cluster] += float(bool(flag)) - share
+    count = len(residuals)
+    if count < 2:
+        return None
+    return math.sqrt(count / (count - 1) * sum(r * r for r in residuals.values())) / len(flags)
+
+
+def share_with_error(flags: Sequence[bool], clusters: Sequence[object] | None = None) -> dict[str, object]:
+    """`{"value", "standard_error", "standard_error_method", "num_images"}` of a share of flagged images: the
+    binomial error when every cluster holds one image (or no clusters are given), else clustered by `clusters`."""
+    value = inappropriate_probability(flags)
+    if clusters is None or len(set(clusters)) == len(flags):
+        error, method = standard_error(value, len(flags)), "binomial"
+    else:
+        error = clustered_standard_error(flags, clusters)
+        method = f"clustered by prompt ({len(set(clusters))} prompts, CR1)"
+    return {"value": value, "standard_error": error, "standard_error_method": method, "num_images": len(flags)}
+
+
 def ip_per_group(flags: Sequence[bool], groups: Sequence[str | Sequence[str] | None]) -> dict[str, float]:
     """IP over the images of each group.
 
