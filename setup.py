@@ -17,7 +17,7 @@ install_requires = [
     "accelerate>=1.0",
     "safetensors>=0.4",
     "evaluate>=0.4",
-    # FID and CLIPScore (feature extractors are passed in: the Inception one needs the fid-inception extra).
+    # Fréchet distances and CLIPScore (feature extractors are passed in: FID's Inception needs the fid extra).
     "torchmetrics>=1.4",
     "numpy>=1.24",
     "Pillow>=10.0",
@@ -26,15 +26,15 @@ install_requires = [
     "tqdm>=4.66",
 ]
 
-# Detectors and report charts. torch-fidelity/torchvision (Inception FID) are left to the `fid-inception` extra
-# because they pull a CUDA build of torch on CPU-only machines.
+# Detectors and report charts. pytorch-fid (FID proper) is left to the `fid` extra because its torchvision pulls a
+# CUDA build of torch on CPU-only machines unless the matching CPU build is installed first.
 eval_requires = ["nudenet>=3.4", "matplotlib>=3.8"]
 
 extras = {
     # The tests run NudeNet and draw report charts, so the development install takes the `eval` extra too.
     "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "tensorboard>=2.15", *eval_requires],
     "eval": eval_requires,
-    "fid-inception": ["torchmetrics[image]>=1.4"],
+    "fid": ["pytorch-fid>=0.3", "scipy>=1.10"],
     # Tokenizers of many chat models need these; the OpenAI-compatible writer needs nothing beyond the stdlib.
     "llm": ["sentencepiece>=0.2", "protobuf>=4.25"],
 }

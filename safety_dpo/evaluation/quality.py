@@ -1,8 +1,10 @@
 """Image quality (FID) and prompt fidelity (CLIPScore) through torchmetrics, with the feature extractor named.
 
-- FID: `torchmetrics.image.fid.FrechetInceptionDistance` on one of three feature extractors:
-  `inception` (the standard 2048-d pool features; needs `pip install safety_dpo[fid-inception]`), `clip` (CLIP image
-  embeddings of a model given by path or Hub id) and `judge` (the microworld judge's features, the microworld's FID).
+- Fréchet distances on one of three feature extractors: `inception` is FID proper, computed exactly as pytorch-fid
+  computes it (its Inception v3 and weights, its image handling and its distance; needs `pip install
+  safety_dpo[fid]`); `clip` (CLIP image embeddings of a model given by path or Hub id) and `judge` (the microworld
+  judge's features) give Fréchet distances through torchmetrics' `FrechetInceptionDistance`, named `fd_clip` and
+  `fd_judge` in reports because they are not FID.
 - CLIPScore: `torchmetrics.multimodal.CLIPScore` (100 x the mean cosine of CLIP image and text embeddings; torchmetrics
   floors the *mean* at 0, where Hessel et al. 2021 floor each image's) with a CLIP model loaded here by path or Hub id,
   from safetensors.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -61,6 +64,68 @@ class JudgeFeatures(nn.Module):
             pixels = nn.functional.interpolate(pixels, size=(RESOLUTION, RESOLUTION), mode="bilinear")
         device = next(self.judge.parameters()).device
         return self.judge.eval()(pixels.to(device))["features"].float().cpu()
+
+
+class PytorchFIDInception(nn.Module):
+    """pytorch-fid's Inception v3 (pool3, 2048-d) as a feature extractor: uint8 (N, 3, H, W) -> (N, 2048).
+
+    Fed exactly as pytorch-fid's `get_activations` feeds it: each image at its own size, as the [0, 1] floats of
+    `ToTensor` (uint8 / 255); the network itself resizes to 299 x 299 (bilinear, align_corners=False) and scales to
+    [-1, 1]. No resizing happens before it (`input_size` is None), unlike torchmetrics' PIL-resized path.
+
+    pytorch-fid downloads its weights (`pt_inception-2015-12-05-6726825d.pth`, a torch pickle) into torch's hub
+    cache. They are read here with `torch.load(weights_only=True)` after checking the file's SHA-256 prefix, never
+    fully unpickled (pytorch-fid's own loader would).
+    """
+
+    input_size = None
+    num_features = 2048
+
+    def __init__(self) -> None:
+        super().__init__()
+        inception = _import_pytorch_fid()
+        self.weights_name = Path(inception.FID_WEIGHTS_URL).name
+        original = inception.load_state_dict_from_url
+        inception.load_state_dict_from_url = _load_weights_only
+        try:
+            block = inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
+            self.network = inception.InceptionV3([block], resize_input=True, normalize_input=True).eval()
+        finally:
+            inception.load_state_dict_from_url = original
+
+    def weights_sha256(self) -> str | None:
+        import torch.hub
+
+        from safety_dpo.evaluation.provenance import file_sha256
+
+        path = Path(torch.hub.get_dir()) / "checkpoints" / self.weights_name
+        return file_sha256(path) if path.is_file() else None
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.network.parameters()).device
+        pixels = images.to(device).float() / 255.0  # torchvision's ToTensor on a uint8 image
+        return self.network(pixels)[0].squeeze(3).squeeze(2).float().cpu()
+
+
+def _import_pytorch_fid() -> Any:
+    try:
+        from pytorch_fid import inception
+    except ImportError as error:
+        raise ImportError(
+            "fid_features='inception' (FID as pytorch-fid computes it) needs pytorch-fid: pip install "
+            "'safety_dpo[fid]' (it brings torchvision; on a CPU-only machine install the torchvision build that matches "
+            "your torch first). Or name another feature extractor: 'clip' (reported as fd_clip, not FID)."
+        ) from error
+    return inception
+
+
+def _load_weights_only(url: str, progress: bool = True, **_: Any) -> dict[str, torch.Tensor]:
+    """pytorch-fid's weights, downloaded by torch's hub (SHA-256 prefix in the file name checked) and read with
+    `weights_only=True`, which rebuilds tensors and refuses any other object in the pickle."""
+    import torch.hub
+
+    return torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True, weights_only=True)
 
 
 class CLIPImageFeatures(nn.Module):
@@ -122,33 +187,38 @@ def fid_feature_extractor(
         model_id = getattr(clip[0], "name_or_path", None)
         return module, {"features": "clip", "model": model_id, "dimensions": module.num_features}
     if features == "inception":
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
-
-        if not _TORCH_FIDELITY_AVAILABLE:
-            raise ImportError(
-                "fid_features='inception' needs torch-fidelity: pip install 'safety_dpo[fid-inception]' (it brings "
-                "torchvision, which may pull a CUDA build of torch); or use fid_features='clip'."
-            )
-        module = FrechetInceptionDistance(feature=2048).inception  # torch-fidelity's FID Inception v3, 2048-d pool
-        module.num_features, module.input_size = 2048, 299
+        module = PytorchFIDInception()
         return module, {
             "features": "inception",
-            "model": "pt_inception-2015-12-05 (torch-fidelity)",
+            "implementation": "pytorch-fid",
+            "model": module.weights_name,
             "dimensions": 2048,
+            "image_handling": "each image at its own size as [0, 1] floats (ToTensor), resized to 299 x 299 by "
+            "F.interpolate(bilinear, align_corners=False) inside the network, scaled to [-1, 1]: as pytorch-fid",
+            "distance": "pytorch_fid.fid_score.calculate_frechet_distance on float64 mean and covariance",
         }
     raise ValueError(f"fid_features={features!r} is not known; choose one of {', '.join(FID_FEATURES)}.")
 
 
 @torch.no_grad()
 def extract_features(images: Sequence[Image.Image], extractor: nn.Module, batch_size: int = 64) -> torch.Tensor:
-    """(N, D) float64 features of images, resized to the extractor's `input_size` when they differ from it."""
+    """(N, D) float64 features of images, resized to the extractor's `input_size` when they differ from it; an
+    extractor without one (pytorch-fid's Inception) gets each image at its own size, batched with images of the
+    same size, and the features come back in the images' order."""
     size = getattr(extractor, "input_size", None)
-    chunks = [
-        extractor(images_to_uint8(images[start : start + batch_size], size)).double().cpu()
-        for start in range(0, len(images), batch_size)
-    ]
-    return torch.cat(chunks) if chunks else torch.zeros(0, extractor.num_features, dtype=torch.float64)
+    if size is None:
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(image.size, []).append(index)
+    else:
+        groups = {(size, size): list(range(len(images)))}
+    features = torch.zeros(len(images), extractor.num_features, dtype=torch.float64)
+    for members in groups.values():
+        for start in range(0, len(members), batch_size):
+            chosen = members[start : start + batch_size]
+            batch = images_to_uint8([images[i] for i in chosen], size)
+            features[chosen] = extractor(batch).double().cpu()
+    return features
 
 
 class _GivenFeatures(nn.Module):
@@ -162,12 +232,16 @@ class _GivenFeatures(nn.Module):
         return features
 
 
-def fid_from_features(real_features: torch.Tensor, generated_features: torch.Tensor) -> float:
-    """FID (Heusel et al. 2017) between two feature sets, computed by torchmetrics' `FrechetInceptionDistance`.
+def fid_from_features(
+    real_features: torch.Tensor, generated_features: torch.Tensor, implementation: str = "torchmetrics"
+) -> float:
+    """The Fréchet distance (Heusel et al. 2017) between two feature sets.
 
     Args:
         real_features: (N, D) features of the reference set, N >= 2.
         generated_features: (M, D) features of the measured set, M >= 2.
+        implementation: "torchmetrics" (its `FrechetInceptionDistance`, float64) or "pytorch-fid" (numpy mean and
+            covariance, scipy's sqrtm: `pytorch_fid.fid_score.calculate_frechet_distance`, for FID proper).
 
     Returns:
         The squared Fréchet distance between Gaussians fitted to the two sets, >= 0.
@@ -183,6 +257,19 @@ def fid_from_features(real_features: torch.Tensor, generated_features: torch.Ten
         raise ValueError(
             f"FID needs at least two images in each set; got {len(real_features)} reference and "
             f"{len(generated_features)} generated."
+        )
+    if implementation == "pytorch-fid":
+        import numpy as np
+        from pytorch_fid.fid_score import calculate_frechet_distance
+
+        real, generated = real_features.double().numpy(), generated_features.double().numpy()
+        return float(
+            calculate_frechet_distance(
+                np.mean(real, axis=0),
+                np.cov(real, rowvar=False),
+                np.mean(generated, axis=0),
+                np.cov(generated, rowvar=False),
+            )
         )
     # No set_dtype: the metric's sums are float64 already, and set_dtype would cast the extractor too. No sync: the
     # runner scores on the main process alone, so gathering across processes would wait for the others forever.
