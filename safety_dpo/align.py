@@ -281,11 +281,13 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     """The numbers a reader asks for first: IP per subset (base, aligned, ratio), fidelity, what the adapter left
     unchanged and what it replaced (microworld), collateral IP, CLIPScore, FID, prompt agreement."""
     models, numbers = results["models"], {}
-    for subset, entry in models["base"]["ip"]["per_subset"].items():
-        aligned = models["aligned"]["ip"]["per_subset"][subset]["value"]
-        numbers[f"IP {subset}: base"] = entry["value"]
-        numbers[f"IP {subset}: aligned"] = aligned
-        numbers[f"IP {subset}: aligned / base"] = results["comparison"]["ip_ratio"].get(subset)
+    ip_key, frechet = results["metrics"]["ip"], results["metrics"]["frechet"]
+    ip = "IP" if ip_key == "ip" else ip_key  # a share named by its detectors is not called IP
+    for subset, entry in models["base"][ip_key]["per_subset"].items():
+        aligned = models["aligned"][ip_key]["per_subset"][subset]["value"]
+        numbers[f"{ip} {subset}: base"] = entry["value"]
+        numbers[f"{ip} {subset}: aligned"] = aligned
+        numbers[f"{ip} {subset}: aligned / base"] = results["comparison"]["ip_ratio"].get(subset)
     if "microworld" in models["aligned"]:
         for variant in ("base", "aligned"):
             neutral = models[variant]["microworld"].get("neutral", {})
@@ -307,9 +309,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
             for subset, value in models[variant]["clip_score"].get("per_subset_safe_prompt", {}).items():
                 numbers[f"CLIPScore with the safe prompt, {subset}: {variant}"] = value
     for variant in ("base", "aligned"):
-        fid = (models[variant].get("fid") or {}).get("reference")
-        if fid is not None:
-            numbers[f"FID to reference: {variant}"] = fid["value"]
+        distance = ((models[variant].get(frechet) if frechet else None) or {}).get("reference")
+        if distance is not None:
+            numbers[f"{frechet} to reference: {variant}"] = distance["value"]  # fid, fd_clip or fd_judge
     return numbers
 
 

@@ -1,5 +1,6 @@
-"""Evaluation: inappropriate probability (NudeNet, Q16, the microworld judge), FID, CLIPScore, and the benchmark
-runner that generates, scores and reports (`run_evaluation`, `safety-dpo evaluate`). See docs/evaluation.md.
+"""Evaluation: inappropriate probability (NudeNet, Q16, the microworld judge), FID, CLIPScore, the benchmark runner
+that generates, scores and reports (`run_evaluation`, `safety-dpo evaluate`), its pinned protocols (`PROTOCOLS`) and
+the comparison of two runs (`compare_results`). See docs/evaluation.md.
 
 Names are imported lazily: the detectors and metrics pull in onnxruntime, transformers and torchmetrics.
 """
@@ -21,6 +22,12 @@ _LAZY_EXPORTS: dict[str, str] = {
     "any_flagged": ".ip",
     "inappropriate_probability": ".ip",
     "ip_per_group": ".ip",
+    "clustered_standard_error": ".ip",
+    "share_with_error": ".ip",
+    "PROTOCOLS": ".protocols",
+    "EvaluationProtocol": ".protocols",
+    "ip_metric_name": ".protocols",
+    "compare_results": ".compare",
     "clip_score": ".quality",
     "fid_feature_extractor": ".quality",
     "fid_from_features": ".quality",

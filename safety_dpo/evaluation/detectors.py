@@ -16,6 +16,7 @@ import functools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -46,6 +47,11 @@ class Detector(abc.ABC):
 
         An empty sequence gives an empty list.
         """
+
+    def provenance(self) -> dict[str, Any]:
+        """Package versions and weight digests of what ran (results.json's `protocol.scorers`): the settings say
+        what was asked for, this says what was used."""
+        return {}
 
 
 # ====================================================================================================== NudeNet
@@ -210,6 +216,18 @@ class NudeNetDetector(Detector):
             "nudenet_version": version("nudenet"),
         }
 
+    def provenance(self) -> dict[str, Any]:
+        import nudenet
+
+        from safety_dpo.evaluation.provenance import file_sha256, package_versions
+
+        model = Path(nudenet.__file__).with_name("320n.onnx")
+        return {
+            "packages": package_versions("nudenet", "onnxruntime"),
+            "model": model.name,
+            "model_sha256": file_sha256(model) if model.is_file() else None,
+        }
+
     def detect(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
         """Details per image: `{"flagged", "classes": {label: highest score}}` (see `nudenet_flag`)."""
         if len(images) == 0:
@@ -270,6 +288,13 @@ class JudgeDetector(Detector):
 
     def settings(self) -> dict[str, Any]:
         return {"detector": self.name, "threshold": self.judge.threshold, "path": self.path}
+
+    def provenance(self) -> dict[str, Any]:
+        from safety_dpo.evaluation.provenance import file_sha256
+        from safety_dpo.microworld.judge import JUDGE_WEIGHTS_NAME
+
+        weights = Path(self.path) / JUDGE_WEIGHTS_NAME if self.path else None
+        return {"weights_sha256": file_sha256(weights) if weights and weights.is_file() else None}
 
     def detect(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
         """Details per image: `{"flagged", "concepts": harmful concept ids found, "categories": their categories}`."""

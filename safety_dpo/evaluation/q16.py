@@ -139,6 +139,11 @@ class Q16Detector(Detector):
             "rule": "argmax",
         }
 
+    def provenance(self) -> dict[str, Any]:
+        from safety_dpo.evaluation.provenance import model_weights, package_versions
+
+        return {"packages": package_versions("transformers"), "clip_model": model_weights(self.clip_model)}
+
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """CLIP's projected image embeddings, (N, projection_dim), float32 on the CPU."""

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from safety_dpo.data.build_dir import write_json, write_text
 from safety_dpo.evaluation.cache import ImageCache, Job
+from safety_dpo.evaluation.protocols import frechet_label, ip_label
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +85,10 @@ def write_ip_chart(path: Path, results: dict[str, Any], variants: list[str]) -> 
     except ImportError:
         logger.warning("No IP chart: matplotlib is not installed (pip install 'safety_dpo[eval]').")
         return None
+    ip_key = results["metrics"]["ip"]
     panels = {
         subset: entry["per_category"]
-        for subset, entry in results["models"]["base"]["ip"]["per_subset"].items()
+        for subset, entry in results["models"]["base"][ip_key]["per_subset"].items()
         if entry["per_category"]
     }
     if not panels:
@@ -97,12 +99,12 @@ def write_ip_chart(path: Path, results: dict[str, Any], variants: list[str]) -> 
     for axis, (subset, categories) in zip(axes[0], panels.items(), strict=True):
         names = list(categories)
         for offset, variant in enumerate(variants):
-            per_category = results["models"][variant]["ip"]["per_subset"][subset]["per_category"]
+            per_category = results["models"][variant][ip_key]["per_subset"][subset]["per_category"]
             values = [per_category.get(name, {}).get("value", 0.0) for name in names]
             axis.bar([i + offset * width for i in range(len(names))], values, width, label=variant)
         axis.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(names))], names, rotation=30)
         axis.set_ylim(0, 1)
-        axis.set_ylabel("inappropriate probability")
+        axis.set_ylabel("inappropriate probability" if ip_key == "ip" else ip_label(ip_key))
         axis.set_title(subset)
         axis.legend()
     figure.tight_layout()
@@ -114,7 +116,8 @@ def write_ip_chart(path: Path, results: dict[str, Any], variants: list[str]) -> 
 # --------------------------------------------------------------------------------------------------------- markdown
 def render_markdown(results: dict[str, Any], variants: list[str]) -> str:
     """The human-readable report: overview per subset, IP per category, quality, and the protocol."""
-    models = results["models"]
+    models, ip_key = results["models"], results["metrics"]["ip"]
+    ip = "IP" if ip_key == "ip" else f"`{ip_key}`"
     lines = [
         "# Evaluation report",
         "",
@@ -124,35 +127,42 @@ def render_markdown(results: dict[str, Any], variants: list[str]) -> str:
         else "- safety adapter: none (base model only)",
         f"- prompts: `{results['prompts']['source']}` ({_count(results)} images, "
         f"{results['generation']['images_per_prompt']} per prompt)",
+        f"- protocol: `{results['protocol']['name']}`"
+        + ("" if results["protocol"]["name"] != "custom" else " (settings of your own: no published protocol)"),
         f"- rule: {results['protocol']['ip_rule']}; detectors: "
         + ", ".join(f"`{spec}`" for spec in results["protocol"]["detectors"]),
+        *_naming_notes(results),
         "",
-        "## Inappropriate probability per subset",
+        "## Inappropriate probability per subset" if ip_key == "ip" else f"## {ip_label(ip_key)} per subset",
         "",
         _table(
             ["subset", "images"]
-            + [f"IP {variant}" for variant in variants]
+            + [f"{ip} {variant}" for variant in variants]
             + (["aligned / base"] if len(variants) > 1 else []),
             [
                 [subset, str(entry["num_images"])]
-                + [_ip_cell(models[variant]["ip"]["per_subset"][subset]) for variant in variants]
+                + [_ip_cell(models[variant][ip_key]["per_subset"][subset]) for variant in variants]
                 + ([_number(results["comparison"]["ip_ratio"].get(subset))] if len(variants) > 1 else [])
-                for subset, entry in models["base"]["ip"]["per_subset"].items()
+                for subset, entry in models["base"][ip_key]["per_subset"].items()
             ],
         ),
+        "",
+        f"± is the standard error: {models['base'][ip_key]['standard_error_method']}.",
     ]
-    for subset, entry in models["base"]["ip"]["per_subset"].items():
+    for subset, entry in models["base"][ip_key]["per_subset"].items():
         if not entry["per_category"]:
             continue
         rows = []
         for category, base_entry in entry["per_category"].items():
-            values = [models[v]["ip"]["per_subset"][subset]["per_category"][category]["value"] for v in variants]
+            values = [models[v][ip_key]["per_subset"][subset]["per_category"][category]["value"] for v in variants]
             ratio = [_number(values[1] / values[0]) if values[0] else "-"] if len(variants) > 1 else []
             rows.append([category, str(base_entry["num_images"])] + [_number(v) for v in values] + ratio)
         headers = (
-            ["category", "images"] + [f"IP {v}" for v in variants] + (["aligned / base"] if len(variants) > 1 else [])
+            ["category", "images"]
+            + [f"{ip} {v}" for v in variants]
+            + (["aligned / base"] if len(variants) > 1 else [])
         )
-        lines += ["", f"### IP per category: {subset}", "", _table(headers, rows)]
+        lines += ["", f"### {ip} per category: {subset}", "", _table(headers, rows)]
     lines += _collateral_section(results)
     lines += _quality_section(results, variants)
     lines += ["", "## Protocol", "", "```json", _json(results["protocol"]), "```", ""]
@@ -164,13 +174,31 @@ def render_markdown(results: dict[str, Any], variants: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _naming_notes(results: dict[str, Any]) -> list[str]:
+    """Say plainly when a number is not the published metric its cousin would be."""
+    notes = []
+    ip_key, frechet = results["metrics"]["ip"], results["metrics"].get("frechet")
+    if ip_key != "ip":
+        notes.append(
+            f"- **`{ip_key}` is not IP**: the share of images that {', '.join(results['protocol']['detectors'])} "
+            "flag, without the rest of a protocol's detectors (I2P's IP adds Q16, which makes most of its flags)."
+        )
+    if frechet and frechet != "fid":
+        notes.append(
+            f"- **`{frechet}` is not FID**: a Fréchet distance on {results['protocol']['frechet']['features']} features, "
+            "comparable only with the same features (FID is Inception features computed as pytorch-fid does)."
+        )
+    return notes
+
+
 def _quality_section(results: dict[str, Any], variants: list[str]) -> list[str]:
-    models = results["models"]
+    models, frechet = results["models"], results["metrics"].get("frechet")
     rows = []
     for variant in variants:
         metrics = models[variant]
-        for name, entry in (metrics.get("fid") or {}).items():
-            rows.append([variant, f"FID to {name}", _number(entry["value"])] + _subset_cells(entry.get("per_subset")))
+        for name, entry in ((metrics.get(frechet) if frechet else None) or {}).items():
+            label = f"{frechet_label(frechet)} (`{frechet}`) to {name}"
+            rows.append([variant, label, _number(entry["value"])] + _subset_cells(entry.get("per_subset")))
         if "clip_score" in metrics:
             entry = metrics["clip_score"]
             rows.append([variant, "CLIPScore", _number(entry["value"])] + _subset_cells(entry["per_subset"]))
@@ -222,7 +250,8 @@ def _subset_cells(per_subset: dict[str, Any] | None) -> list[str]:
 
 
 def _ip_cell(entry: dict[str, Any]) -> str:
-    return f"{entry['value']:.3f} ± {entry['standard_error']:.3f}"
+    error = entry["standard_error"]
+    return f"{entry['value']:.3f}" + ("" if error is None else f" ± {error:.3f}")
 
 
 def _count(results: dict[str, Any]) -> int:

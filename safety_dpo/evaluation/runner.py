@@ -38,7 +38,8 @@ def run_evaluation(
     prompts: str | PromptSet | None = None,
     *,
     images_per_prompt: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
+    protocol: str | None = None,
     detectors: Sequence[str] | None = None,
     detector_options: dict[str, dict[str, Any]] | None = None,
     fid_features: str | None = None,
@@ -67,12 +68,17 @@ def run_evaluation(
         prompts: A prompt source (`PROMPT_SOURCES`, a Hub dataset id or a CSV/JSON file) or a `PromptSet`;
             None: "microworld" (only when `model` is None).
         images_per_prompt: Images per prompt; None: the protocol's seeds in the microworld, else 1.
-        seed: Seed of image 0 of a prompt that brings no seed of its own; image k uses seed + k.
+        seed: Seed of image 0 of a prompt that brings no seed of its own; image k uses seed + k. None: 0.
+        protocol: A named protocol (`PROTOCOLS`: "microworld", "i2p", "safetydpo") that pins images per prompt,
+            seeds, sampler, detectors, Fréchet features and CLIP model; a setting given here that contradicts it is
+            refused, and so is a protocol whose parts are missing (both before anything is drawn or written). None:
+            the settings given, and the numbers are named by what made them (`ip` only for a protocol's detectors).
         detectors: Detector specs (`DETECTOR_NAMES`, e.g. "nudenet:i2p", "q16"); None: "judge" in the microworld,
             else "nudenet:i2p" and, when `detector_options["q16"]` names its prompts, "q16".
         detector_options: Per detector name, its constructor options (e.g. {"q16": {"prompts": "q16.safetensors"}}).
-        fid_features: "inception", "clip", "judge" or "none"; None: "judge" in the microworld, else "inception"
-            when torch-fidelity is installed, else "clip" when a CLIP model is given.
+        fid_features: "inception" (FID as pytorch-fid computes it), "clip" or "judge" (Fréchet distances reported as
+            fd_clip, fd_judge), or "none"; None: "judge" in the microworld, else "inception" when pytorch-fid is
+            installed, else "clip" when a CLIP model is given.
         clip_model: CLIP model (path or Hub id) for CLIPScore and "clip" FID features; None: openai ViT-L/14 for
             real models, none in the microworld (the judge measures prompt fidelity there); "none": no CLIPScore.
         safety_scale: The adapter's weight.
@@ -95,14 +101,43 @@ def run_evaluation(
     """
     from safety_dpo.data.generation import process_state
     from safety_dpo.evaluation.quality import FID_FEATURES
-    from safety_dpo.evaluation.scoring import load_detectors, score_run
+    from safety_dpo.evaluation.scoring import load_scorers, score_run
 
     output_dir = Path(output_dir)
     is_microworld = model is None
+    detector_options = detector_options or {}
+    given = {
+        "prompts": prompts if not isinstance(prompts, PromptSet) else None,
+        "images_per_prompt": images_per_prompt,
+        "seed": seed,
+        "detectors": list(detectors) if detectors else None,
+        "fid_features": fid_features,
+        "clip_model": clip_model,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+        "scheduler": scheduler,
+    }
+    if protocol is not None:  # everything is checked before anything is written
+        from safety_dpo.evaluation.protocols import check_requirements, resolve_protocol
+
+        pinned = resolve_protocol(protocol, given, has_model=not is_microworld)
+        check_requirements(protocol, detector_options)
+        _check_pinned_detector_options(protocol, detector_options)
+        if not isinstance(prompts, PromptSet):
+            prompts = pinned["prompts"]
+        images_per_prompt, seed, detectors = pinned["images_per_prompt"], pinned["seed"], pinned["detectors"]
+        fid_features, clip_model = pinned["fid_features"], pinned["clip_model"]
+        num_inference_steps, guidance_scale = pinned["num_inference_steps"], pinned["guidance_scale"]
+        resolution, scheduler = pinned["resolution"], pinned["scheduler"]
+    elif is_microworld and all(value is None for key, value in given.items() if key != "prompts"):
+        protocol = "microworld"  # the defaults without a model are the microworld protocol's
+    seed = 0 if seed is None else seed
     if fid_features is not None and fid_features not in (*FID_FEATURES, "none"):
         raise ValueError(f"fid_features={fid_features!r} is not known; choose one of {', '.join(FID_FEATURES)}, none.")
     prompt_set = _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column)
-    loaded_detectors = load_detectors(detectors, detector_options or {}, is_microworld)  # bad names fail here
+    # Detectors, CLIP and the feature extractor load now: an unknown name or a missing model fails before drawing.
+    scorers = load_scorers(detectors, detector_options, is_microworld, fid_features, clip_model)
     generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler)
     jobs = plan_jobs(prompt_set, images_per_prompt, seed, generation.get("seeds"))
     variants = {"base": None} if safety_adapter is None else {"base": None, "aligned": safety_adapter}
@@ -132,9 +167,8 @@ def run_evaluation(
         jobs,
         list(variants),
         is_microworld=is_microworld,
-        detectors=loaded_detectors,
-        fid_features=fid_features,
-        clip_model=clip_model,
+        scorers=scorers,
+        protocol_name=protocol,
         targeted_categories=_targeted_categories(safety_adapter, targeted_categories),
         progress=progress,
     )
@@ -142,12 +176,32 @@ def run_evaluation(
         "model": _model_id(model),
         "safety_adapter": None if safety_adapter is None else _name(safety_adapter),
         "safety_scale": safety_scale if safety_adapter is not None else None,
-        "prompts": {"name": prompt_set.name, "source": prompt_set.source, **prompt_set.description},
+        "prompts": {
+            "name": prompt_set.name,
+            "source": prompt_set.source,
+            **prompt_set.description,
+            "digest": digest([[job.prompt.prompt, job.seed] for job in jobs]),
+        },
         "generation": {**generation, "images_per_prompt": _images_per_prompt(jobs), "seed_rule": _seed_rule(seed)},
         **results,
     }
     write_report(output_dir, results, jobs, list(variants))
     return results
+
+
+def _check_pinned_detector_options(protocol: str, detector_options: dict[str, dict[str, Any]]) -> None:
+    """A protocol pins its detectors' settings too: only where Q16's prompts are (and how to fetch them) may be given."""
+    from safety_dpo.evaluation.q16 import Q16_CLIP_MODEL
+
+    changed = [f"{name}: {sorted(options)}" for name, options in detector_options.items() if name not in ("q16",)]
+    q16 = detector_options.get("q16", {})
+    if q16.get("clip_model") not in (None, Q16_CLIP_MODEL):
+        changed.append(f"q16: clip_model={q16['clip_model']!r} (the protocol pins {Q16_CLIP_MODEL!r})")
+    if changed:
+        raise ValueError(
+            f"protocol={protocol!r} pins its detectors' settings; these were given: {'; '.join(changed)}. Drop them, or "
+            "drop the protocol."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------- planning

@@ -6,7 +6,7 @@ from safety_dpo.evaluation import ip_metric_path
 
 ip = evaluate.load(ip_metric_path())
 ip.compute(predictions=images, detectors="nudenet:i2p,q16", q16_prompts="q16_prompts.safetensors")
-# {"inappropriate_probability": 0.25, "num_images": 8, "per_detector": {...}, "protocol": [...]}
+# {"inappropriate_probability": 0.25, "metric": "ip", "num_images": 8, "per_detector": {...}, "protocol": [...]}
 ```
 """
 
@@ -54,11 +54,12 @@ class InappropriateProbability(evaluate.Metric):
     ) -> dict:
         from safety_dpo.evaluation.detectors import load_detector
         from safety_dpo.evaluation.ip import any_flagged, inappropriate_probability, ip_per_group
+        from safety_dpo.evaluation.protocols import ip_metric_name
 
         if categories is not None and len(categories) != len(predictions):
             raise ValueError(f"Got {len(predictions)} images but {len(categories)} categories; pass one per image.")
         images = [image.convert("RGB") for image in predictions]
-        flags, protocol = {}, []
+        flags, protocol, settings = {}, [], {}
         for spec in [name.strip() for name in detectors.split(",") if name.strip()]:
             options = {}
             if spec.startswith("q16"):
@@ -68,9 +69,12 @@ class InappropriateProbability(evaluate.Metric):
             detector = load_detector(spec, **options)
             flags[spec] = [result["flagged"] for result in detector.detect(images)]
             protocol.append(detector.settings())
+            settings[spec] = detector.settings()
         combined = any_flagged(flags)
         result = {
             "inappropriate_probability": inappropriate_probability(combined),
+            # "ip" only for a protocol's full detector set; e.g. "ip_nudenet:i2p" for NudeNet alone, not I2P's IP.
+            "metric": ip_metric_name(settings),
             "num_images": len(images),
             "per_detector": {name: inappropriate_probability(values) for name, values in flags.items()},
             "protocol": protocol,
