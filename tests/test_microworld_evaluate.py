@@ -39,7 +39,7 @@ def test_ground_truth_images_score_perfectly_on_unsafe_prompts():
     assert results["num_images"] == 24
     assert results["ip"] == 1.0
     assert results["concept_rate"] >= 0.95
-    assert results["micro_fid"] == pytest.approx(0.0, abs=1e-6)
+    assert results["fd_judge"] == pytest.approx(0.0, abs=1e-6)
     assert results["prompt_agreement"] >= 0.9
     assert set(results["ip_per_category"]) <= {item.category for item in items}
 
@@ -67,7 +67,7 @@ def test_explicit_seeds_override_the_protocol():
         RenderingPipeline(), ["a ball in a field"], seeds=[5], protocol=PROTOCOL, progress=False
     )
     assert results["num_images"] == 1 and results["protocol"]["seeds"] == [5]
-    assert results["micro_fid"] is None  # one image has no covariance
+    assert results["fd_judge"] is None  # one image has no covariance
 
 
 def test_protocol_prompts_cover_every_concept_of_the_kind():
@@ -90,7 +90,7 @@ def test_evaluate_pipeline_runs_a_real_diffusers_pipeline_under_the_protocol():
         pipe, ["a man in red holding a knife on a beach", "a ball in a field"], protocol=PROTOCOL, progress=False
     )
     assert results["num_images"] == 4
-    assert 0.0 <= results["ip"] <= 1.0 and results["micro_fid"] > 0
+    assert 0.0 <= results["ip"] <= 1.0 and results["fd_judge"] > 0
     assert results["protocol"]["scheduler"] == "DDIMScheduler"
 
 

@@ -36,7 +36,7 @@ def measure(pipe, categories: list[str]) -> dict:
         results["ip"][category] = metrics["ip"]
     neutral = evaluate_pipeline(pipe, protocol_prompts("neutral"), progress=False)
     results["neutral_concept_rate"] = neutral["concept_rate"]
-    results["neutral_micro_fid"] = neutral["micro_fid"]
+    results["neutral_fd_judge"] = neutral["fd_judge"]
     return results
 
 
@@ -93,7 +93,7 @@ def main() -> None:
 def table(results: dict, categories: list[str]) -> str:
     base = results["base"]
     header = "| model | " + " | ".join(f"IP {c} (x own expert)" for c in categories)
-    lines = [header + " | worst IP ratio | neutral fidelity (x base) | micro-FID neutral | merge time |"]
+    lines = [header + " | worst IP ratio | neutral fidelity (x base) | fd_judge neutral | merge time |"]
     lines.append("| --- " * (len(categories) + 5) + "|")
     for name, row in results.items():
         cells, ratios = [], []
@@ -107,7 +107,7 @@ def table(results: dict, categories: list[str]) -> str:
         fidelity = row["neutral_concept_rate"] / base["neutral_concept_rate"]
         worst = f"{max(ratios):.2f}x" if ratios and len(ratios) == len(categories) else ""
         seconds = f"{row['merge_seconds']} s" if row.get("merge_seconds") is not None else ""
-        fid = row["neutral_micro_fid"]
+        fid = row["neutral_fd_judge"]
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {worst} | {row['neutral_concept_rate']:.3f} ({fidelity:.2f}x) "
             f"| {fid:.1f} | {seconds} |"

@@ -3,7 +3,7 @@
     python examples/microworld/measure_world.py --output runs/world_measurements.json
 
 Rendered images are the upper bound a generator can reach: IP of unsafe renders should be 1, fidelity 1,
-IP of neutral renders 0, and the micro-FID of renders against renders of other seeds is the floor of the
+IP of neutral renders 0, and the fd_judge of renders against renders of other seeds is the floor of the
 distance between two samples of the same world.
 """
 
@@ -23,7 +23,7 @@ def _rendered_metrics(kind: str, names: str = "trained") -> dict:
     items = protocol_prompts(kind, names=names)
     seeds = protocol.seeds
     images = [render(item.prompt, seed) for item in items for seed in seeds]
-    # Reference: the same prompts with other seeds, so micro-FID measures two samples of one distribution.
+    # Reference: the same prompts with other seeds, so fd_judge measures two samples of one distribution.
     references = [render(item.prompt, seed + 1000) for item in items for seed in seeds]
     per_image = [item for item in items for _ in seeds]
     results = score_images(images, per_image, references)

@@ -47,13 +47,13 @@ def score_images(
         images: One image per prompt (repeat a prompt for several seeds).
         prompts: Prompt strings or `PromptItem`s; the requested concept of an item is its `concept`, of a string
             the concepts named in it.
-        reference_images: Images to compare with for micro-FID (usually renders of the same prompts and seeds).
+        reference_images: Images to compare with for fd_judge (usually renders of the same prompts and seeds).
         judge: The judge; the shipped one by default.
 
     Returns:
         `num_images`, `ip`, `ip_per_category` (by the category of the requested concept), `concept_rate`,
         `concept_rate_worst`, `worst_concept`, `concept_rate_per_concept`, `prompt_agreement`, `redirect_rate`
-        (over images of harmful prompts, when there are any), and `micro_fid` when reference images are given (None
+        (over images of harmful prompts, when there are any), and `fd_judge` when reference images are given (None
         for fewer than two images). Concept rates are over images whose prompt requests a concept.
     """
     judge = judge or load_judge()
@@ -72,7 +72,7 @@ def score_images(
     }
     if reference_images is not None:
         # A Fréchet distance needs two images per set to estimate a covariance; report None below that.
-        results["micro_fid"] = (
+        results["fd_judge"] = (
             None
             if min(len(images), len(reference_images)) < 2
             else frechet_distance(judge.features(list(images)), judge.features(list(reference_images)))

@@ -6,7 +6,7 @@
   On neutral prompts it is called *fidelity*.
 - *prompt agreement*: share of the attributes a prompt requests (object, scene, figure colour) that the judge
   finds; the microworld's CLIPScore.
-- *micro-FID*: Fréchet distance between judge features of two image sets; the microworld's FID.
+- *fd_judge*: Fréchet distance between judge features of two image sets; the microworld's stand-in for FID, and not FID.
 - *redirect rate*: share of images of harmful prompts that show the safe counterpart instead (replacement, not
   damage).
 - *agreement with a reference*: share of images whose concepts, scene and figure colour equal those of another

@@ -131,7 +131,7 @@ def row(name: str, results: dict[str, Any], variant: str = "aligned", **extra: A
         "ip_per_category": {k: v["value"] for k, v in per_subset.get("unsafe", {}).get("per_category", {}).items()},
         "neutral_fidelity": neutral,
         "neutral_fidelity_ratio": neutral / base["microworld"]["neutral"]["concept_rate"],
-        "micro_fid": model["fid"]["reference"]["value"],
+        "fd_judge": model["fd_judge"]["reference"]["value"],
         "prompt_agreement_neutral": model["microworld"]["neutral"]["prompt_agreement"],
     }
     for subset, values in per_subset.items():  # experiments with their own subsets (e.g. removed / kept concepts)

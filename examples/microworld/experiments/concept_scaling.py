@@ -33,7 +33,7 @@ COLUMNS = {
     "ip_held_out": "IP removed, held-out",
     "ip_kept": "IP kept concepts",
     "neutral_fidelity_ratio": "neutral fidelity / base",
-    "micro_fid": "micro-FID",
+    "fd_judge": "fd_judge",
 }
 
 

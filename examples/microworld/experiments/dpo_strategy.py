@@ -30,7 +30,7 @@ COLUMNS = {
     "ip_trained": "IP trained",
     "ip_held_out": "IP held-out",
     "neutral_fidelity_ratio": "neutral fidelity / base",
-    "micro_fid": "micro-FID",
+    "fd_judge": "fd_judge",
     "train_seconds": "train (s)",
 }
 

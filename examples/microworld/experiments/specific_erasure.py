@@ -37,7 +37,7 @@ COLUMNS = {
     "neutral_fidelity_ratio": "neutral fidelity / base",
     "neutral_unchanged": "neutral images unchanged",
     "prompt_agreement_ratio": "prompt agreement (neutral) / base",
-    "micro_fid_ratio": "micro-FID neutral / base",
+    "fd_judge_ratio": "fd_judge neutral / base",
     "collateral_ratio": "collateral IP / base",
     "train_seconds": "train (s)",
 }
@@ -99,7 +99,7 @@ def row(name: str, sampler: str, results: dict[str, Any], **extra: Any) -> dict[
     ip = {subset: entry["value"] for subset, entry in aligned["ip"]["per_subset"].items()}
     base_ip = {subset: entry["value"] for subset, entry in base["ip"]["per_subset"].items()}
     world, base_world = aligned["microworld"], base["microworld"]
-    fid, base_fid = aligned["fid"]["reference"]["per_subset"], base["fid"]["reference"]["per_subset"]
+    fid, base_fid = aligned["fd_judge"]["reference"]["per_subset"], base["fd_judge"]["reference"]["per_subset"]
     collateral = (results["comparison"].get("collateral_ip") or {}).get("collateral", {}).get("pooled", {})
     return {
         "name": name,
@@ -113,7 +113,7 @@ def row(name: str, sampler: str, results: dict[str, Any], **extra: Any) -> dict[
         "prompt_agreement_ratio": ratio(
             world["neutral"]["prompt_agreement"], base_world["neutral"]["prompt_agreement"]
         ),
-        "micro_fid_ratio": ratio(fid["neutral"], base_fid["neutral"]),
+        "fd_judge_ratio": ratio(fid["neutral"], base_fid["neutral"]),
         "collateral_ratio": collateral.get("ratio", 1.0 if aligned is base else None),
         "ip_values": ip,
         "base_ip_values": base_ip,
