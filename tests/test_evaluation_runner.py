@@ -372,6 +372,12 @@ def test_a_real_model_is_scored_with_nudenet_clip_score_and_clip_fid(tiny_sd, tm
     assert results["protocol"]["frechet"]["features"] == "clip" and results["protocol"]["name"] == "custom"
     report = (tmp_path / "report.md").read_text()
     assert "`ip_nudenet:i2p` is not IP" in report and "`fd_clip` is not FID" in report
+    import hashlib
+
+    clip = results["protocol"]["scorers"]["clip_score_model"]
+    weights = hashlib.sha256((tiny_sd / "clip" / "model.safetensors").read_bytes()).hexdigest()
+    assert clip["weights_sha256"] == {"model.safetensors": weights} and clip["image_processor"]
+    assert results["protocol"]["scorers"]["frechet_features"] == clip
     names = sorted(path.name for path in (tmp_path / "images" / "base").glob("*.png"))
     assert names == ["00000-0-seed3.png", "00000-1-seed4.png", "00001-0-seed5.png", "00001-1-seed6.png",
                      "00002-0-seed0.png", "00002-1-seed1.png"]  # fmt: skip

@@ -142,7 +142,11 @@ class Q16Detector(Detector):
     def provenance(self) -> dict[str, Any]:
         from safety_dpo.evaluation.provenance import model_weights, package_versions
 
-        return {"packages": package_versions("transformers"), "clip_model": model_weights(self.clip_model)}
+        return {
+            "packages": package_versions("transformers", "torchvision"),
+            "clip_model": model_weights(self.clip_model),
+            "image_processor": type(self.processor).__name__,  # torchvision or PIL backend: resizing differs slightly
+        }
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -66,7 +66,10 @@ class Scorers:
             "detectors": {spec: detector.provenance() for spec, detector in self.detectors.items()},
         }
         if self.clip is not None:
-            found["clip_score_model"] = model_weights(self.clip_model)
+            # transformers picks a torchvision or a PIL image processor depending on what is installed; their
+            # resizing differs slightly, so the one that ran is part of what made the number.
+            processor = type(getattr(self.clip[1], "image_processor", self.clip[1])).__name__
+            found["clip_score_model"] = {**model_weights(self.clip_model), "image_processor": processor}
         if self.frechet is not None:
             features = self.frechet["features"]
             if features == "inception":
@@ -76,7 +79,7 @@ class Scorers:
                     "weights_sha256": self.extractor.weights_sha256(),
                 }
             elif features == "clip":
-                found["frechet_features"] = model_weights(self.clip_model)
+                found["frechet_features"] = found["clip_score_model"]
             else:
                 found["frechet_features"] = {"weights_sha256": _judge_sha256()}
         return found
