@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safety_dpo.data.build_dir import write_text
+from safety_dpo.folder_lock import LOCK_FILE, FolderLock
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,20 @@ def align(
     merge_settings = MICROWORLD_MERGE if model is None and merge_method == "co_merge" else {}
     settings["merge"] = dict(merge_settings)
     merge_config = CoMergeConfig(method=merge_method, seed=seed, **merge_settings)  # bad input fails before any work
+    from safety_dpo.data.builder import check_build_settings
+
+    check_build_settings(model, categories=categories, pairs_per_concept=pairs_per_concept)  # before any write
+    with FolderLock(output_dir, "safety-dpo align"):
+        return _align(
+            output_dir, model, categories, prompt_writer, pairs_per_concept, training_settings, merge_config,
+            evaluation_prompts, evaluation, llm_model, seed, push_to_hub, progress, settings,
+        )  # fmt: skip
+
+
+def _align(
+    output_dir, model, categories, prompt_writer, pairs_per_concept, training_settings, merge_config,
+    evaluation_prompts, evaluation, llm_model, seed, push_to_hub, progress, settings,
+) -> dict[str, Any]:  # fmt: skip
     state = _claim(output_dir, settings)
     data_dir, experts_dir = output_dir / "data", output_dir / "experts"
     adapter_dir, evaluation_dir = output_dir / ADAPTER_DIR, output_dir / "evaluation"
@@ -222,7 +237,9 @@ def _claim(output_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
                 "another --output-dir, or the same settings to resume it."
             )
         return state
-    if output_dir.exists() and any(output_dir.iterdir()):
+    for leftover in output_dir.glob(f"{ALIGN_FILE}.tmp-*"):  # a kill between writing align.json and renaming it
+        leftover.unlink()
+    if output_dir.exists() and any(path.name != LOCK_FILE for path in output_dir.iterdir()):
         raise FileExistsError(
             f"{str(output_dir)!r} exists and is not an alignment folder (no {ALIGN_FILE}); choose another --output-dir."
         )

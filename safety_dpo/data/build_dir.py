@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safety_dpo.folder_lock import LOCK_FILE
+
 BUILD_FILE = "coprov2_build.json"
 REPORT_FILE = "build_report.json"
 DATASET_DICT_FILE = "dataset_dict.json"
@@ -57,7 +59,9 @@ class BuildDirectory:
                     "settings to resume that build."
                 )
             return
-        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+        if self.path.exists() and (
+            not self.path.is_dir() or any(path.name != LOCK_FILE for path in self.path.iterdir())
+        ):
             raise FileExistsError(
                 f"output_dir={str(self.path)!r} exists and is not an empty directory or a CoProV2 build "
                 f"(no {BUILD_FILE}); choose a new or empty directory."

@@ -23,6 +23,7 @@ import random
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from safety_dpo.data.build_dir import REPORT_FILE, BuildDirectory, write_json
 from safety_dpo.data.generation import (
+    check_sampler,
     config_digest,
     draw_pairs,
     encode_png,
@@ -44,6 +46,7 @@ from safety_dpo.data.publish import push_build, read_report, render_build_card
 from safety_dpo.data.schema import coprov2_features
 from safety_dpo.data.taxonomy import Taxonomy, coprov2_taxonomy
 from safety_dpo.data.writers import PairRequest, PromptWriter, PromptWriterError, load_prompt_writer
+from safety_dpo.folder_lock import FolderLock
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +133,9 @@ class CoProV2Builder:
             raise ValueError(f"test_size must be in [0, 1), got {test_size!r}.")
         if not 0 <= min_similarity <= 1:
             raise ValueError(f"min_similarity must be in [0, 1], got {min_similarity!r}.")
+        check_sampler(num_inference_steps, guidance_scale, resolution)
         is_microworld = pipeline_or_path is None
-        try:
-            self.taxonomy = _load_taxonomy(taxonomy, is_microworld).select(categories).select_concepts(concepts)
-        except KeyError as error:  # an unknown category or concept; the message lists the known ones
-            raise ValueError(error.args[0]) from None
+        self.taxonomy = check_build_settings(pipeline_or_path, taxonomy, categories, concepts, pairs_per_concept)
         self.prompt_writer = load_prompt_writer(prompt_writer, llm_model=llm_model, **(writer_kwargs or {}))
         self.pipeline, self.generator_model = load_text_to_image_pipeline(pipeline_or_path, pipeline_kwargs or {})
         generation = microworld_generation() if is_microworld else {}
@@ -192,11 +193,21 @@ class CoProV2Builder:
         state = process_state()
         directory = BuildDirectory(output_dir)
         self.output_dir = directory.path
+        lock = FolderLock(directory.path, "safety-dpo build-data") if state.is_main_process else nullcontext()
+        with lock:
+            return self._build(directory, state, progress)
+
+    def _build(self, directory: BuildDirectory, state, progress: bool):
         if state.is_main_process:
             directory.claim(self.settings())
         state.wait_for_everyone()
         directory.claim(self.settings())  # every process checks; only the main one may have created it
         if directory.is_finished:
+            if state.is_main_process and not (directory.path / REPORT_FILE).is_file():
+                # Killed between the dataset and its report (builds of earlier versions wrote the dataset first).
+                rows, rejections, shortfall = self._plan(directory)
+                self._write_report(directory, self._report(rows, rejections, shortfall, {}))
+            state.wait_for_everyone()
             logger.info("%s already holds this finished build; loading it.", directory.path)
             return _load(directory.path)
         timings: dict[str, float] = {}
@@ -370,16 +381,24 @@ class CoProV2Builder:
             if indices:
                 splits[split] = full.select(indices)
         dataset = DatasetDict(splits)
-        directory.write_dataset(dataset)
         timings["assemble"] = time.perf_counter() - started
         report = self._report(rows, rejections, shortfall, timings)
-        write_json(directory.path / REPORT_FILE, report)
-        self.dataset_card(report).save(str(directory.path / "README.md"))
+        # The report and card first, the dataset (whose dataset_dict.json marks the build finished) last: a kill in
+        # between leaves an unfinished build that the next run assembles again from the shards.
+        self._write_report(directory, report)
+        directory.write_dataset(dataset)
         directory.remove_shards()
         logger.info(
             "CoProV2: %d rows (%s), rejected candidates: %s",
             report["num_rows"], report["split_rows"], report["rejections"] or "none",
         )  # fmt: skip
+
+    def _write_report(self, directory: BuildDirectory, report: dict[str, Any]) -> None:
+        write_json(directory.path / REPORT_FILE, report)
+        card = directory.path / "README.md"
+        temporary = card.with_name(f"README.md.tmp-{os.getpid()}")
+        render_build_card(report, self.license).save(str(temporary))
+        os.replace(temporary, card)
 
     def _report(self, rows, rejections, shortfall, timings) -> dict[str, Any]:
         pairs = {(row.pair.concept, row.pair.unsafe_prompt): row.pair for row in rows}.values()
@@ -427,6 +446,27 @@ class CoProV2Builder:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
+def check_build_settings(
+    model: Any = None,
+    taxonomy: Taxonomy | str | os.PathLike | None = None,
+    categories: list[str] | tuple[str, ...] | None = None,
+    concepts: list[str] | tuple[str, ...] | None = None,
+    pairs_per_concept: int = 10,
+) -> Taxonomy:
+    """Check the settings that choose what a build draws, without loading a model or writing anything (for callers
+    that must refuse a typo before they write, like `align`); returns the taxonomy they select.
+
+    Raises:
+        ValueError: For an unknown category or concept (listing the known ones) or fewer than one pair per concept.
+    """
+    if not isinstance(pairs_per_concept, int) or pairs_per_concept < 1:
+        raise ValueError(f"pairs_per_concept must be an integer >= 1, got {pairs_per_concept!r}.")
+    try:
+        return _load_taxonomy(taxonomy, model is None).select(categories).select_concepts(concepts)
+    except KeyError as error:  # an unknown category or concept; the message lists the known ones
+        raise ValueError(error.args[0]) from None
+
+
 def _load_taxonomy(taxonomy: Taxonomy | str | os.PathLike | None, is_microworld: bool) -> Taxonomy:
     if isinstance(taxonomy, Taxonomy):
         return taxonomy
