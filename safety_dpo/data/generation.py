@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 from typing import Any
 
@@ -47,6 +48,35 @@ def check_text_to_image(pipeline: Any) -> None:
             f"{type(pipeline).__name__} is not a text-to-image pipeline (it takes {sorted(takes_image) or 'no prompt'}"
             f"); the builder needs {accepted}."
         )
+
+
+def check_sampler(
+    num_inference_steps: int | None,
+    guidance_scale: float | None,
+    resolution: int | None,
+    safety_scale: float = 1.0,
+    batch_size: int = 1,
+) -> None:
+    """Refuse sampler values that cannot draw a meaningful image, before anything is written.
+
+    Raises:
+        ValueError: Naming the value and what is accepted.
+    """
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps!r}.")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(
+            f"guidance_scale must be a finite number (e.g. 7.5; 1 turns guidance off), got {guidance_scale}."
+        )
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise ValueError(
+            f"resolution must be a positive multiple of 8 (the VAE's scale factor; e.g. 32 for the microworld, 512 "
+            f"for SD 1.x, 1024 for SDXL), got {resolution}."
+        )
+    if not math.isfinite(safety_scale):
+        raise ValueError(f"safety_scale must be a finite number (1.0: the adapter as trained), got {safety_scale}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
 
 
 def process_state():

@@ -282,13 +282,22 @@ class Taxonomy:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Taxonomy file {str(path)!r} does not exist.")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"Taxonomy file {str(path)!r} is not UTF-8 text ({error}).") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as error:  # its message names the line and column
+                raise ValueError(f"Taxonomy file {str(path)!r} is not valid YAML: {error}") from None
         elif path.suffix.lower() == ".json":
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"Taxonomy file {str(path)!r} is not valid JSON: {error}") from None
         else:
             raise ValueError(f"Taxonomy file {str(path)!r}: unsupported extension; use .yaml, .yml or .json.")
         try:

@@ -3,7 +3,8 @@
 ```
 OUTPUT_DIR/images/<variant>/generation.json      # the settings that drew these images; a run with others is refused
 OUTPUT_DIR/images/<variant>/<index>-<k>-seed<seed>.png
-OUTPUT_DIR/scores/<variant>/<detector>-<digest>.jsonl   # one line per scored image, appended as scoring goes
+OUTPUT_DIR/scores/<variant>/<detector>-<digest>.jsonl   # one line per scored image, appended as scoring goes; the
+                                                        # digest covers the detector's and the images' settings
 ```
 Images are written atomically (temporary file, then rename); an unreadable image is reported, removed and drawn again.
 A score line cut short by a crash is ignored and that image scored again.
@@ -75,6 +76,12 @@ class ImageCache:
                 )
             return
         write_json(path, settings)
+
+    def settings_digest(self) -> str | None:
+        """A digest of the settings that drew these images (None before `claim`): score caches are keyed by it, so
+        that images drawn again with other settings are never scored from an earlier run's results."""
+        path = self.directory / GENERATION_FILE
+        return digest(json.loads(path.read_text())) if path.is_file() else None
 
     def path(self, job: Job) -> Path:
         return self.directory / job.file_name

@@ -21,6 +21,7 @@ _IGNORED = {
     "safety_dpo_version",
     "model",
     "safety_adapter",
+    "safety_adapter_sha256",
     "safety_scale",
     "models",
     "comparison",

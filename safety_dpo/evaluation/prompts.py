@@ -287,14 +287,38 @@ def _load_file(path: Path, split: str, hub_kwargs: dict, source: str) -> tuple[A
     with path.open("rb") as stream:
         if not any(line.strip() for line in stream):
             raise ValueError(f"Prompt source {source!r}: the file has no rows.")
+    if builder in ("csv", "json"):
+        _check_utf8(path, source)
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split=split, **hub_kwargs)
     except ValueError as error:
         # A header-only CSV or an empty JSON list: `datasets` has no typed error for a split without rows.
         if "corresponds to no data" not in str(error):
-            raise
+            raise ValueError(
+                f"Prompt source {source!r}: {str(path)!r} cannot be read as {builder}: {error}"
+            ) from error
         raise ValueError(f"Prompt source {source!r}: the file has no rows.") from error
+    except datasets.exceptions.DatasetGenerationError as error:  # malformed JSON, a binary file, a broken parquet
+        cause = error.__cause__ or error
+        raise ValueError(
+            f"Prompt source {source!r}: {str(path)!r} is not a readable {builder} file ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else 'no detail'})."
+        ) from error
     return _check_rows(dataset, source), {"dataset": str(path), "kind": "file", "format": builder, "split": split}
+
+
+def _check_utf8(path: Path, source: str) -> None:
+    """Text prompt files must be UTF-8 (what `datasets` reads); say so, naming the line, instead of a parser error."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise ValueError(
+            f"Prompt source {source!r}: {str(path)!r} is not UTF-8 text{hint}: byte {error.start} (line {line}) cannot "
+            "be decoded. Save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE`)."
+        ) from None
 
 
 def _load_saved(path: Path, split: str | None, hub_kwargs: dict, source: str) -> tuple[Any, dict]:

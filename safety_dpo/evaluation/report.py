@@ -175,8 +175,15 @@ def render_markdown(results: dict[str, Any], variants: list[str]) -> str:
 
 
 def _naming_notes(results: dict[str, Any]) -> list[str]:
-    """Say plainly when a number is not the published metric its cousin would be."""
+    """Say plainly when a number is not the published metric its cousin would be, or rests on blank images."""
     notes = []
+    for variant, model in results["models"].items():
+        if model.get("blank_images"):
+            notes.append(
+                f"- **{model['blank_images']} of {model['num_images']} {variant} images are blank** (a single "
+                "colour): non-finite or overflowing weights, or a safety checker, draw these; no detector flags "
+                "them, so a low IP over them is not safety."
+            )
     ip_key, frechet = results["metrics"]["ip"], results["metrics"].get("frechet")
     if ip_key != "ip":
         notes.append(

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -22,8 +23,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from safety_dpo.data.generation import check_sampler
 from safety_dpo.evaluation.cache import ImageCache, Job, digest
 from safety_dpo.evaluation.prompts import PromptSet, load_prompt_set
+from safety_dpo.folder_lock import FolderLock
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ def run_evaluation(
     """
     from safety_dpo.data.generation import process_state
     from safety_dpo.evaluation.quality import FID_FEATURES
-    from safety_dpo.evaluation.scoring import load_scorers, score_run
+    from safety_dpo.evaluation.scoring import load_scorers
 
     output_dir = Path(output_dir)
     is_microworld = model is None
@@ -135,58 +138,112 @@ def run_evaluation(
     seed = 0 if seed is None else seed
     if fid_features is not None and fid_features not in (*FID_FEATURES, "none"):
         raise ValueError(f"fid_features={fid_features!r} is not known; choose one of {', '.join(FID_FEATURES)}, none.")
+    check_sampler(num_inference_steps, guidance_scale, resolution, safety_scale, batch_size)  # before any write
     prompt_set = _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column)
+    if is_microworld:
+        check_microworld_prompts(prompt_set)
+    # The adapter is read (and its weights checked) now, and identified by its content: a mistyped path fails
+    # before any image is drawn, and a retrained adapter in the same folder is never taken for the old one.
+    adapter_digest = None if safety_adapter is None else adapter_content_digest(safety_adapter)
     # Detectors, CLIP and the feature extractor load now: an unknown name or a missing model fails before drawing.
     scorers = load_scorers(detectors, detector_options, is_microworld, fid_features, clip_model)
     generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler)
     jobs = plan_jobs(prompt_set, images_per_prompt, seed, generation.get("seeds"))
     variants = {"base": None} if safety_adapter is None else {"base": None, "aligned": safety_adapter}
     state = process_state()
-    pipeline = None
-    for variant, adapter in variants.items():
-        cache = ImageCache(output_dir / "images", variant)
-        settings = _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype)
-        if state.is_main_process:
-            cache.claim(settings)
-        state.wait_for_everyone()
-        mine = jobs[state.process_index :: state.num_processes]
-        missing = [job for job in mine if not cache.has(job)]
-        if missing:
-            pipeline = pipeline or _load_pipeline(model, torch_dtype, device or str(state.device))
-            draw_images(pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress)
-        state.wait_for_everyone()
-    if pipeline is not None:
-        del pipeline
-    if not state.is_main_process:
-        return {}
-    from safety_dpo.evaluation.report import write_report
+    lock = FolderLock(output_dir, "safety-dpo evaluate") if state.is_main_process else contextlib.nullcontext()
+    with lock:
+        pipeline = None
+        for variant, adapter in variants.items():
+            cache = ImageCache(output_dir / "images", variant)
+            settings = _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype)
+            if adapter is not None:
+                settings["safety_adapter_sha256"] = adapter_digest
+            if state.is_main_process:
+                cache.claim(settings)
+            state.wait_for_everyone()
+            mine = jobs[state.process_index :: state.num_processes]
+            missing = [job for job in mine if not cache.has(job)]
+            if missing:
+                pipeline = pipeline or _load_pipeline(model, torch_dtype, device or str(state.device))
+                draw_images(pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress)
+            state.wait_for_everyone()
+        if pipeline is not None:
+            del pipeline
+        if not state.is_main_process:
+            return {}
+        from safety_dpo.evaluation.report import write_report
+        from safety_dpo.evaluation.scoring import score_run
 
-    results = score_run(
-        output_dir,
-        prompt_set,
-        jobs,
-        list(variants),
-        is_microworld=is_microworld,
-        scorers=scorers,
-        protocol_name=protocol,
-        targeted_categories=_targeted_categories(safety_adapter, targeted_categories),
-        progress=progress,
-    )
-    results = {
-        "model": _model_id(model),
-        "safety_adapter": None if safety_adapter is None else _name(safety_adapter),
-        "safety_scale": safety_scale if safety_adapter is not None else None,
-        "prompts": {
-            "name": prompt_set.name,
-            "source": prompt_set.source,
-            **prompt_set.description,
-            "digest": digest([[job.prompt.prompt, job.seed] for job in jobs]),
-        },
-        "generation": {**generation, "images_per_prompt": _images_per_prompt(jobs), "seed_rule": _seed_rule(seed)},
-        **results,
-    }
-    write_report(output_dir, results, jobs, list(variants))
+        results = score_run(
+            output_dir,
+            prompt_set,
+            jobs,
+            list(variants),
+            is_microworld=is_microworld,
+            scorers=scorers,
+            protocol_name=protocol,
+            targeted_categories=_targeted_categories(safety_adapter, targeted_categories),
+            progress=progress,
+        )
+        results = {
+            "model": _model_id(model),
+            "safety_adapter": None if safety_adapter is None else _name(safety_adapter),
+            "safety_adapter_sha256": adapter_digest,
+            "safety_scale": safety_scale if safety_adapter is not None else None,
+            "prompts": {
+                "name": prompt_set.name,
+                "source": prompt_set.source,
+                **prompt_set.description,
+                "digest": digest([[job.prompt.prompt, job.seed] for job in jobs]),
+            },
+            "generation": {
+                **generation,
+                "images_per_prompt": _images_per_prompt(jobs),
+                "seed_rule": _seed_rule(seed),
+            },
+            **results,
+        }
+        write_report(output_dir, results, jobs, list(variants))
     return results
+
+
+def check_microworld_prompts(prompt_set: PromptSet) -> None:
+    """Refuse, before drawing, prompts the microworld cannot place (its judge could not score them)."""
+    from safety_dpo.microworld import parse_prompt
+
+    problems = []
+    for index, prompt in enumerate(prompt_set.prompts):
+        try:
+            parse_prompt(prompt.prompt)
+        except ValueError as error:
+            problems.append(f"prompt {index} ({prompt.prompt!r}): {error}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            "The microworld cannot place these prompts, so its judge could not score their images: "
+            + "; ".join(problems[:3])
+            + more
+            + ". Use the microworld's vocabulary (docs/microworld.md) or pass --model for a real pipeline."
+        )
+
+
+def adapter_content_digest(adapter: Any) -> str:
+    """SHA-256 (16 hex digits) of an adapter's LoRA factors as loaded: the same for the same weights wherever they
+    lie, different for a retrained or re-merged adapter written into the same folder. Loading checks the weights."""
+    import hashlib
+
+    from safety_dpo.merging.experts import load_expert
+
+    expert = load_expert(adapter)
+    hasher = hashlib.sha256()
+    for name in sorted(expert.layers):
+        up, down = expert.layers[name]
+        hasher.update(name.encode())
+        for factor in (up, down):
+            hasher.update(str(tuple(factor.shape)).encode())
+            hasher.update(factor.detach().float().contiguous().cpu().numpy().tobytes())
+    return hasher.hexdigest()[:16]
 
 
 def _check_pinned_detector_options(protocol: str, detector_options: dict[str, dict[str, Any]]) -> None:

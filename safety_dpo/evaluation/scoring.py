@@ -238,15 +238,18 @@ def _fid_extractor(is_microworld: bool, fid_features: str | None, clip):
 def _score_variant(output_dir, variant, jobs, scorers: Scorers, is_microworld, progress) -> dict[str, Any]:
     detectors, extractor, clip = scorers.detectors, scorers.extractor, scorers.clip
     cache = ImageCache(output_dir / "images", variant)
+    images_digest = cache.settings_digest()
     score_caches = {
-        spec: ScoreCache(output_dir / "scores", variant, det.settings()) for spec, det in detectors.items()
+        spec: ScoreCache(output_dir / "scores", variant, {**det.settings(), "images": images_digest})
+        for spec, det in detectors.items()
     }
     known = {spec: score_cache.load() for spec, score_cache in score_caches.items()}
-    features, clip_metrics, fidelity_images = [], {}, {}
+    features, clip_metrics, fidelity_images, blank = [], {}, {}, []
     bar = tqdm(total=len(jobs), desc=f"scoring ({variant})", unit="img", disable=not progress)
     for start in range(0, len(jobs), _SCORE_CHUNK):
         chunk = jobs[start : start + _SCORE_CHUNK]
         images = [_read(cache, job) for job in chunk]
+        blank += [job.file_name for job, image in zip(chunk, images, strict=True) if _is_blank(image)]
         for spec, detector in detectors.items():
             todo = [i for i, job in enumerate(chunk) if job.file_name not in known[spec]]
             if todo:
@@ -266,13 +269,27 @@ def _score_variant(output_dir, variant, jobs, scorers: Scorers, is_microworld, p
         bar.update(len(chunk))
     bar.close()
     flags = {spec: [bool(known[spec][job.file_name]["flagged"]) for job in jobs] for spec in detectors}
-    metrics: dict[str, Any] = {"num_images": len(jobs), "ip": _ip(jobs, flags)}
+    metrics: dict[str, Any] = {"num_images": len(jobs), "ip": _ip(jobs, flags), "blank_images": len(blank)}
+    if blank:
+        logger.warning(
+            "%d of %d %s images are blank (one colour, e.g. %s): non-finite or overflowing weights, or a safety "
+            "checker, draw these, and no detector flags them, so IP over them means nothing.",
+            len(blank),
+            len(jobs),
+            variant,
+            blank[0],
+        )
     if clip is not None:
         metrics["clip_score"] = _clip_score_result(clip_metrics)
     if is_microworld:
         metrics["microworld"], metrics["descriptions"] = _microworld_fidelity(fidelity_images)
     metrics["features"] = torch.cat(features) if features else None
     return metrics
+
+
+def _is_blank(image) -> bool:
+    """A single-colour image: what a pipeline draws from NaN latents (black) or a safety checker's replacement."""
+    return all(low == high for low, high in image.getextrema())
 
 
 def _read(cache: ImageCache, job: Job):
