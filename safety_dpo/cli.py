@@ -207,20 +207,31 @@ def _run_merge(args: argparse.Namespace) -> int:
     """Merge safety experts into one adapter with Co-Merge (or a baseline) and save it."""
     from pathlib import Path
 
+    from safety_dpo.folder_lock import LOCK_FILE, FolderLock
     from safety_dpo.merging import CoMergeConfig, co_merge
     from safety_dpo.trainer.adapter_io import read_metadata
 
     settings = CoMergeConfig.from_json_file(args.config).to_dict() if args.config else {}
     settings.update({name: getattr(args, name) for name in _MERGE_OPTIONS if getattr(args, name) is not None})
     config = CoMergeConfig(**settings)  # a bad option fails before any work
-    existing = read_metadata(args.output_dir) if Path(args.output_dir).is_dir() else None
+    output_dir = Path(args.output_dir)
+    existing = read_metadata(output_dir) if output_dir.is_dir() else None
     if existing is not None and existing.get("kind") != "merged":
         raise FileExistsError(
-            f"--output-dir {args.output_dir!r} holds an adapter of kind {existing.get('kind')!r} (an expert adapter, not a merge); "
-            "choose another directory (a merged adapter there would replace it)."
+            f"--output-dir {args.output_dir!r} holds an adapter of kind {existing.get('kind')!r} (an expert adapter, "
+            "not a merge); choose another directory (a merged adapter there would replace it)."
         )
-    merged = co_merge(args.experts, config, pipeline=args.model)
-    merged.save_pretrained(args.output_dir, repo_id=args.push_to_hub)
+    if existing is None and output_dir.is_dir():
+        others = sorted(path.name for path in output_dir.iterdir() if path.name != LOCK_FILE)
+        if others:  # e.g. the user's own README.md, which the adapter card would overwrite
+            raise FileExistsError(
+                f"--output-dir {args.output_dir!r} holds files that are not a merged adapter ({', '.join(others[:5])}"
+                + (", ..." if len(others) > 5 else "")
+                + "); choose a new or empty directory. Nothing was written."
+            )
+    with FolderLock(output_dir, "safety-dpo merge"):
+        merged = co_merge(args.experts, config, pipeline=args.model)
+        merged.save_pretrained(output_dir, repo_id=args.push_to_hub)
     print(f"Merged adapter written to {args.output_dir} (load it with pipe.load_lora_weights).")
     report = merged.report
     if "win_share" in report:
@@ -272,16 +283,22 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     """Generate images from prompts, with or without a safety adapter, to try one by hand."""
     import json
-    import os
     from pathlib import Path
 
     import torch
+    from PIL.PngImagePlugin import PngInfo
 
-    from safety_dpo.data.generation import load_text_to_image_pipeline
+    from safety_dpo.data.build_dir import differences, write_json
+    from safety_dpo.data.generation import check_sampler, load_text_to_image_pipeline
+    from safety_dpo.evaluation.runner import adapter_content_digest
+    from safety_dpo.folder_lock import FolderLock
     from safety_dpo.pipelines import enable_safety_adapters
 
     if args.images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
+    check_sampler(args.num_inference_steps, args.guidance_scale, None, args.safety_scale)
+    # The adapter is read and checked before anything is drawn, and identified by its content.
+    adapter_sha256 = adapter_content_digest(args.safety_adapter) if args.safety_adapter else None
     pipe, model_id = load_text_to_image_pipeline(args.model, {})
     settings = {}
     if args.model is None:  # the microworld: its protocol's scheduler, steps and guidance unless given
@@ -298,24 +315,62 @@ def _run_generate(args: argparse.Namespace) -> int:
         settings["guidance_scale"] = args.guidance_scale
     if args.safety_adapter:
         enable_safety_adapters(pipe).load_safety_adapter(args.safety_adapter, scale=args.safety_scale, fuse=True)
+    record = {
+        "model": model_id,
+        "safety_adapter": args.safety_adapter,
+        "safety_adapter_sha256": adapter_sha256,
+        "safety_scale": args.safety_scale if args.safety_adapter else None,
+        "scheduler": type(pipe.scheduler).__name__,
+        **settings,
+    }
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index, prompt in enumerate(args.prompts):
-        for image_index in range(args.images_per_prompt):
-            seed = args.seed + image_index
-            path = output_dir / f"{index:03d}-seed{seed}.png"
-            if not path.is_file():  # resumable: an image already written is not drawn again
-                generator = torch.Generator("cpu").manual_seed(seed)
-                image = pipe(prompt, generator=generator, **settings).images[0]
+    planned = [
+        (output_dir / f"{index:03d}-seed{args.seed + k}.png", {**record, "prompt": prompt, "seed": args.seed + k})
+        for index, prompt in enumerate(args.prompts)
+        for k in range(args.images_per_prompt)
+    ]
+    with FolderLock(output_dir, "safety-dpo generate"):
+        # Each PNG carries what drew it. One drawn otherwise is never overwritten nor relabelled: refuse, and keep it.
+        conflicts = [
+            f"{path.name}: {'; '.join(differences(_png_record(path), key)) or 'no record of how it was drawn'}"
+            for path, key in planned
+            if path.is_file() and _png_record(path) != key
+        ]
+        if conflicts:
+            raise FileExistsError(
+                f"{str(output_dir)!r} holds images drawn otherwise ({' | '.join(conflicts[:3])}"
+                + (f" | {len(conflicts) - 3} more" if len(conflicts) > 3 else "")
+                + "). Use another --output-dir; nothing was drawn or changed."
+            )
+        for path, key in planned:
+            if not path.is_file():  # resumable: an image already drawn with these settings is kept
+                generator = torch.Generator("cpu").manual_seed(key["seed"])
+                image = pipe(key["prompt"], generator=generator, **settings).images[0]
+                metadata = PngInfo()
+                metadata.add_text(_PNG_KEY, json.dumps(key, sort_keys=True))
                 temporary = path.with_name(f".{path.name}.tmp")
-                image.save(temporary, format="PNG")
-                os.replace(temporary, path)
-            written.append({"file": path.name, "prompt": prompt, "seed": seed})
-    record = {"model": model_id, "safety_adapter": args.safety_adapter, "safety_scale": args.safety_scale, **settings}
-    (output_dir / "images.json").write_text(json.dumps({**record, "images": written}, indent=2) + "\n")
+                image.save(temporary, format="PNG", pnginfo=metadata)
+                temporary.replace(path)
+        written = [{"file": path.name, "prompt": key["prompt"], "seed": key["seed"]} for path, key in planned]
+        write_json(output_dir / "images.json", {**record, "images": written})
     print(f"{len(written)} images in {output_dir} (images.json lists prompt and seed of each).")
     return 0
+
+
+_PNG_KEY = "safety_dpo"  # the PNG text chunk in which `generate` records what drew an image
+
+
+def _png_record(path) -> dict:
+    """What drew a `generate` image, from its PNG text chunk; {} for an image without one or an unreadable file."""
+    import json
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.text.get(_PNG_KEY, "{}"))
+    except (OSError, ValueError, SyntaxError):
+        return {}
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -324,7 +379,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="Generate images from prompts, with or without a safety adapter.",
         description="Generate images to try a safety adapter by hand: the same prompts and seeds with and without "
         "--safety-adapter show what it changes. Image k of prompt i uses seed SEED + k and is written as "
-        "OUTPUT_DIR/<i>-seed<seed>.png; images already there are kept. The microworld when no model is named.",
+        "OUTPUT_DIR/<i>-seed<seed>.png, recording in the PNG what drew it: an image already drawn the same way is kept "
+        "(an interrupted run resumes), a folder holding images drawn otherwise is refused. The microworld when no "
+        "model is named.",
     )
     parser.add_argument("prompts", nargs="+", metavar="PROMPT")
     parser.add_argument("--output-dir", required=True, help="Where the images go.")
@@ -386,6 +443,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     models, metrics = results["models"], results["metrics"]
     ip_key, frechet = metrics["ip"], metrics["frechet"]
     print(f"Protocol: {results['protocol']['name']}.")
+    for variant, model in models.items():
+        if model.get("blank_images"):
+            print(
+                f"WARNING: {model['blank_images']} of {model['num_images']} {variant} images are blank (one colour): "
+                "IP over them means nothing; see the report."
+            )
     if ip_key != "ip":
         print(f"Not IP: {ip_label(ip_key)}; a protocol's IP needs its full detector set (see --protocol).")
     for subset, entry in models["base"][ip_key]["per_subset"].items():
@@ -591,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        help="CPU threads per process for torch (default: $SAFETY_DPO_NUM_THREADS, else 1 for the microworld, whose "
+        "tiny models gain nothing from more and slow down badly when the machine is shared, else torch's default).",
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for add_subcommand in (
         _add_env,
@@ -620,15 +689,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0
+    _set_threads(args)
     from safety_dpo.data.writers import PromptWriterError
+    from safety_dpo.folder_lock import FolderInUseError
 
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PromptWriterError) as error:
-        # Bad input: say what is wrong in one line, not a traceback (-v shows the traceback).
+    except (ValueError, OSError, PromptWriterError, FolderInUseError, _yaml_error()) as error:
+        # Bad input, a missing or unreadable file, an unreachable Hub, a folder in use: say what is wrong in one line,
+        # not a traceback (-v shows the traceback). OSError covers FileNotFoundError, PermissionError, ConnectionError
+        # and the Hub client's HTTP errors.
         logger.debug("Traceback of the error:", exc_info=True)
-        print(f"safety-dpo {args.command}: error: {error}", file=sys.stderr)
+        kind = (
+            "" if isinstance(error, (ValueError, FileNotFoundError, FileExistsError)) else f"{type(error).__name__}: "
+        )
+        hint = "" if args.verbose or not kind else " (-v shows the traceback)"
+        print(f"safety-dpo {args.command}: error: {kind}{error}{hint}", file=sys.stderr)
         return 2
+
+
+MICROWORLD_THREADS = 1
+"""Torch threads per process for the microworld (benchmarks/bench_threads.py measures why)."""
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """One thread per process for the microworld unless told otherwise; torch's default for real models."""
+    import os
+
+    threads = args.num_threads
+    if threads is None and os.environ.get("SAFETY_DPO_NUM_THREADS"):
+        try:
+            threads = int(os.environ["SAFETY_DPO_NUM_THREADS"])
+        except ValueError:
+            value = os.environ["SAFETY_DPO_NUM_THREADS"]
+            raise SystemExit(f"SAFETY_DPO_NUM_THREADS must be an integer, got {value!r}.") from None
+    if threads is None and getattr(args, "model", None) is None and args.command not in ("env", "convert-q16"):
+        threads = MICROWORLD_THREADS
+    if threads is None:
+        return
+    if threads < 1:
+        raise SystemExit(f"--num-threads must be at least 1, got {threads}.")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _yaml_error() -> type[Exception]:
+    import yaml
+
+    return yaml.YAMLError
 
 
 if __name__ == "__main__":
