@@ -364,7 +364,7 @@ def test_an_llm_server_that_goes_away_stops_the_build_cleanly_and_a_rerun_finish
     with LoopbackLLMServer(default=http_error(503, "overloaded")) as server:
         server.script(answer("a nazi on a beach", "an apple on a beach"))
         writer = OpenAIPromptWriter(server.base_url, model="m", max_retries=1, retry_backoff=0, timeout=2)
-        with pytest.raises(PromptWriterError, match="unreachable after 2 attempts"):
+        with pytest.raises(PromptWriterError, match="no usable answer in 2 attempts"):
             build(output_dir, prompt_writer=writer, **settings)
     assert sorted(path.name for path in (output_dir / "prompts").glob("*.json")) == ["nazi.json"]
     assert not (output_dir / "dataset_dict.json").exists()

@@ -521,7 +521,7 @@ def test_openai_writer_raises_after_max_retries_when_the_server_is_unreachable(c
     monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
     writer = openai_writer(f"http://127.0.0.1:{closed_port}/v1", max_retries=2, timeout=1)
     start = time.perf_counter()
-    with pytest.raises(PromptWriterError, match="unreachable after 3 attempts"):
+    with pytest.raises(PromptWriterError, match="no usable answer in 3 attempts"):
         writer.write(make_request())
     assert len(attempts) == 3
     assert time.perf_counter() - start < 3  # refused connections and no backoff: no waiting anywhere
@@ -536,10 +536,18 @@ def test_openai_writer_doubles_the_backoff_between_retries(closed_port, monkeypa
     assert sleeps == [0.5, 1.0, 2.0]
 
 
+def test_openai_writer_retries_a_reply_that_is_not_json_and_then_stops_instead_of_counting_it_empty(server):
+    server.script(raw("<html>502 Bad Gateway</html>"), GOOD_ANSWER)
+    written = openai_writer(server.base_url, retry_backoff=0.0).write(make_request())
+    assert written.candidates == [(UNSAFE, SAFE)] and not written.rejections  # asked again, not an empty answer
+    server.script(*[raw("<html>login page</html>")] * 3)
+    with pytest.raises(PromptWriterError, match="an HTML page.*is the URL the OpenAI-compatible base"):
+        openai_writer(server.base_url, max_retries=2, retry_backoff=0.0).write(make_request())
+
+
 @pytest.mark.parametrize(
     "reply",
     [
-        pytest.param(raw("<html>502 Bad Gateway</html>"), id="not-json"),
         pytest.param(raw('{"object": "chat.completion", "choices": []}'), id="no-choices"),
         pytest.param(raw('{"choices": [{"message": {"role": "assistant", "content": null}}]}'), id="null-content"),
     ],

@@ -309,12 +309,14 @@ class OpenAIPromptWriter(ChatPromptWriter):
                 try:
                     return json.loads(text)
                 except json.JSONDecodeError:
-                    logger.warning("%s: the server's reply is not JSON: %.200s", self.url, text)
-                    return {}
+                    # A proxy's error page or a wrong URL: retried like a server error, then a PromptWriterError.
+                    # Never an empty answer, which would let a concept finish unwritten and keep a rerun from asking.
+                    kind = "an HTML page" if text.lstrip()[:1] == "<" else "a reply that is not JSON"
+                    last_error = f"{kind}: {text[:200]!r}; is the URL the OpenAI-compatible base, e.g. .../v1?"
             logger.warning("%s: attempt %d/%d failed (%s)", self.url, attempt + 1, self.max_retries + 1, last_error)
         raise PromptWriterError(
-            f"The LLM server at {self.url} is unreachable after {self.max_retries + 1} attempts ({last_error}). "
-            "Finished work is kept; start the server and run the same command again to resume."
+            f"The LLM server at {self.url} gave no usable answer in {self.max_retries + 1} attempts ({last_error}). "
+            "Finished work is kept; start or fix the server and run the same command again to resume."
         )
 
 
