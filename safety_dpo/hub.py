@@ -1,7 +1,9 @@
 """Hub cards and pushes: the one place where safety_dpo renders cards and talks to the Hugging Face Hub.
 
 - `render_model_card` / `render_dataset_card` fill the Jinja templates of `safety_dpo.hub_cards` (the adapter card and
-  the CoProV2 dataset card) with `huggingface_hub`'s `ModelCard.from_template` / `DatasetCard.from_template`.
+  the CoProV2 dataset card) into `huggingface_hub` `ModelCard` / `DatasetCard` objects. Card values come from users
+  and datasets (concept names, paths, model ids, licenses) and the cards are published, so every `{{ value }}` is
+  escaped for markdown and HTML unless a filter renders it for its context (see `_card_environment`).
 - `push_folder` creates a repo if needed and uploads a folder to it in one commit.
 - `ensure_local_or_download` turns "a local folder or a Hub id" into a local folder, the way every loader takes it.
 
@@ -13,10 +15,15 @@ from __future__ import annotations
 
 import importlib.resources
 import inspect
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
+import jinja2
+import yaml
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi, ModelCard, ModelCardData, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -57,7 +64,9 @@ def render_model_card(
     `library_name`, `pipeline_tag`, `model_name`, ...) go into the card's YAML metadata; all others are template
     variables. The adapter card reads `repo_id`, `description`, `categories`, `concepts` (category -> names, or a
     list), `weight_name`, `training_config`, `merge_config` (dicts), `evaluation` (metric -> value, or a list of row
-    dicts), `evaluation_notes` and `limitations`; every one of them is optional.
+    dicts), `evaluation_notes` and `limitations`; every one of them is optional. Values are escaped for their place
+    in the card; `description`, `evaluation_notes` and `limitations` are the caller's markdown (`markdown_prose`),
+    so values embedded in them should be wrapped with `markdown_code` or `markdown_text` first.
 
     Args:
         template: A template name in `safety_dpo.hub_cards` (e.g. "adapter_card.md") or a path to a Jinja markdown file.
@@ -74,7 +83,7 @@ def render_model_card(
     metadata = {"library_name": "diffusers", "pipeline_tag": "text-to-image", **metadata}
     metadata["tags"] = _merge_tags(_ADAPTER_TAGS, metadata.get("tags"))
     card_data = ModelCardData(**metadata, **(extra_metadata or {}))
-    return ModelCard.from_template(card_data, template_str=_read_template(template), **variables)
+    return ModelCard(_render_card_text(card_data, _read_template(template), variables))
 
 
 def render_dataset_card(
@@ -89,7 +98,8 @@ def render_dataset_card(
     `size_categories`, `language`, ...) or `tags` go into the card's YAML metadata; all others are template
     variables. The CoProV2 card reads `repo_id`, `description`, `generator_model`, `prompt_writer`, `num_pairs`,
     `category_counts` (category -> pairs), `concepts` (category -> names), `rejections` (reason -> pairs) and
-    `build_config` (a dict); every one of them is optional.
+    `build_config` (a dict); every one of them is optional. Values are escaped for their place in the card, as in
+    `render_model_card`.
 
     Args:
         template: A template name in `safety_dpo.hub_cards` (e.g. "coprov2_card.md") or a path to a Jinja markdown
@@ -108,7 +118,7 @@ def render_dataset_card(
     metadata = {"task_categories": ["text-to-image"], **metadata}
     metadata["tags"] = _merge_tags(_DATASET_TAGS, metadata.get("tags"))
     card_data = DatasetCardData(**metadata, **(extra_metadata or {}))
-    return DatasetCard.from_template(card_data, template_str=_read_template(template), **variables)
+    return DatasetCard(_render_card_text(card_data, _read_template(template), variables))
 
 
 def push_folder(
@@ -189,6 +199,130 @@ def ensure_local_or_download(
             f"({type(error).__name__}: {reason}). Pass an existing directory or a 'namespace/name' repo id."
         ) from error
     return Path(snapshot)
+
+
+# ------------------------------------------------------------------------------------------------ card rendering
+class _Rendered(str):
+    """Text a card filter already made safe for its place in the card; the environment's finalizer leaves it as is."""
+
+
+# Characters that start markdown syntax inline: backslash first (it escapes the others), code, emphasis,
+# strikethrough, links and images, headings, table cells, math. "_" only where it can emphasise (not inside a word).
+_MARKDOWN_SPECIALS = re.compile(r"[\\`*~\[\]#|$]|(?<![^\W_])_|_(?![^\W_])")
+_HTML_SPECIALS = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_NEWLINES = re.compile(r"\r\n|[\r\n\u2028\u2029\x0b\x0c\x85]")
+# What makes a line a block (heading, list, thematic break, setext underline, fence) when it starts one; ">" is an
+# entity by then. An ordered list's marker is its "." or ")", not its digits.
+_BLOCK_START = re.compile(r"^(\s*)([#+=*_~`-]|\d+(?=[.)]))")
+
+
+def _escape_html(text: str) -> str:
+    return re.sub(r"[&<>]", lambda match: _HTML_SPECIALS[match.group()], text)
+
+
+def markdown_text(value: Any) -> str:
+    """`value` as inert inline markdown: HTML special characters as entities, markdown syntax characters
+    backslash-escaped, line breaks as spaces. Numbers and booleans are written as they are.
+
+    Args:
+        value: Any value; it is formatted with `str`.
+
+    Returns:
+        Text that renders as `value` and can sit in a paragraph, a heading, a list item or a table cell without
+        starting a link, an HTML tag, a heading, a list, emphasis, code or a new table cell.
+    """
+    if isinstance(value, (bool, int, float)):
+        return _Rendered(value)
+    text = _NEWLINES.sub(" ", str(value))
+    text = _MARKDOWN_SPECIALS.sub(lambda match: "\\" + match.group(), text)
+    text = _BLOCK_START.sub(_escape_block_start, text, count=1)  # "-", "+", "=", "1." (the others are escaped)
+    return _Rendered(_escape_html(text))
+
+
+def markdown_prose(value: Any) -> str:
+    """Markdown written by the caller (a description, a note) that may embed user values in code spans: HTML and
+    link brackets are escaped and line breaks become spaces, but code spans and emphasis are kept, and a line-start
+    block marker (heading, quote, list, rule) is escaped. Embed user values with `markdown_code` or
+    `markdown_text` before passing them here."""
+    text = _escape_html(_NEWLINES.sub(" ", str(value)))
+    text = re.sub(r"[\[\]]", lambda match: "\\" + match.group(), text)
+    return _Rendered(_BLOCK_START.sub(_escape_block_start, text, count=1))
+
+
+def _escape_block_start(match: re.Match) -> str:
+    indent, marker = match.groups()
+    return f"{indent}{marker}\\" if marker[0].isdigit() else f"{indent}\\{marker}"
+
+
+def markdown_code(value: Any) -> str:
+    """`value` as a markdown code span that nothing in it can end: the fence is one backtick longer than the
+    longest run of backticks in `value`, line breaks become spaces, and "|" is escaped so the span can sit in a
+    table cell.
+
+    Args:
+        value: Any value; it is formatted with `str`.
+
+    Returns:
+        The code span, fences included (e.g. "`beta`", "`` a`b ``").
+    """
+    text = _NEWLINES.sub(" ", str(value)).replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    if not text or text.startswith(("`", " ")) or text.endswith(("`", " ")):
+        text = f" {text} "  # CommonMark strips one space at each end of a span, so the value keeps its own
+    return _Rendered(f"{fence}{text}{fence}")
+
+
+def python_string(value: Any) -> str:
+    """`value` as a double-quoted Python string literal (for code blocks): no quote, backslash or line break in it
+    can end the string or the code block."""
+    return _Rendered(json.dumps(str(value)))
+
+
+def hub_url(repo_id: Any, repo_type: RepoType = "model") -> str:
+    """The Hub page of `repo_id`, percent-encoded so that the URL cannot end a markdown link early."""
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    return _Rendered(f"https://huggingface.co/{prefix}{quote(str(repo_id), safe='/')}")
+
+
+def markdown_join(values: Any, separator: str = ", ") -> str:
+    """`markdown_text` of each value (or of a single string), joined by `separator`."""
+    items = [values] if isinstance(values, str) or not isinstance(values, Iterable) else list(values)
+    return _Rendered(separator.join(markdown_text(item) for item in items))
+
+
+def _finalize(value: Any) -> Any:
+    """Every `{{ value }}` of a card template that no card filter rendered is escaped as inline markdown text."""
+    return value if isinstance(value, _Rendered) else markdown_text(value)
+
+
+def _card_environment() -> jinja2.Environment:
+    """The Jinja environment of the card templates: `markdown_text` for every plain `{{ value }}`, and filters
+    for the places where a value needs another treatment: `code` (inside a code span), `prose` (caller-written
+    markdown), `pystr` (a Python string in a code block), `hub_url` (a link target) and `md_join` (a list)."""
+    environment = jinja2.Environment(finalize=_finalize)
+    environment.filters.update(
+        md=markdown_text,
+        md_join=markdown_join,
+        prose=markdown_prose,
+        code=markdown_code,
+        pystr=python_string,
+        hub_url=hub_url,
+    )
+    return environment
+
+
+def _front_matter(card_data: Any) -> str:
+    """The card's YAML metadata, dumped with `yaml.safe_dump`: every string quoted as YAML needs, so that no value
+    can end the front matter or add keys to it."""
+    plain = json.loads(json.dumps(card_data.to_dict(), default=str))  # tuples as lists, paths as strings
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True).strip()
+
+
+def _render_card_text(card_data: Any, template: str, variables: Mapping[str, Any]) -> str:
+    """The card's text, as `RepoCard.from_template` renders it (metadata fields are template variables too, the
+    caller's variables win), with the values escaped."""
+    values = {**card_data.to_dict(), **variables}
+    return _card_environment().from_string(template).render(card_data=_Rendered(_front_matter(card_data)), **values)
 
 
 def _read_template(template: str) -> str:

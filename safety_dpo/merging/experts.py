@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
@@ -69,11 +69,18 @@ def load_expert(expert: Any, index: int = 0, weight_name: str | None = None, **h
     Args:
         expert: The source.
         index: Its position, to name a state dict in errors.
-        weight_name: The weight file inside a folder or Hub repo; None: the one `safety_dpo.json` names, else
-            `pytorch_lora_weights.safetensors`, else the folder's only `.safetensors` file.
+        weight_name: The weight file inside a folder or Hub repo, relative to it ("sub/file.safetensors" is fine);
+            None: the one `safety_dpo.json` names, else `pytorch_lora_weights.safetensors`, else the folder's only
+            `.safetensors` file.
         **hub_kwargs: `huggingface_hub` download arguments.
+
+    Raises:
+        ValueError: If the source is not a UNet LoRA, is a pickle file, holds NaN or infinite values, or if the weight
+            file (`weight_name`, or the one `safety_dpo.json` names) lies outside the folder or repo.
+        FileNotFoundError: If the source or `weight_name` cannot be found.
     """
     if isinstance(expert, LoraExpert):
+        check_finite(expert)
         return expert
     if isinstance(expert, Mapping):
         return expert_from_state_dict(dict(expert), name=f"state dict {index}")
@@ -89,7 +96,10 @@ def load_expert(expert: Any, index: int = 0, weight_name: str | None = None, **h
         )
     if path.is_file():
         return _from_file(path, name, _read_json(path.parent / METADATA_NAME) if path.name == LORA_WEIGHT_NAME else {})
-    if not path.is_dir():
+    from_hub = not path.is_dir()
+    if weight_name is not None:
+        _check_relative(weight_name, name, "weight_name")
+    if from_hub:
         from safety_dpo.hub import ensure_local_or_download
 
         patterns = [weight_name or "*.safetensors", METADATA_NAME]
@@ -98,19 +108,24 @@ def load_expert(expert: Any, index: int = 0, weight_name: str | None = None, **h
     if weight_name is not None:
         if Path(weight_name).suffix in _PICKLE_SUFFIXES:
             raise ValueError(f"weight_name={weight_name!r} is a pickle file; only .safetensors weights are read.")
-        if not (path / weight_name).is_file():
+        weight_file = _inside(path, weight_name, name, "weight_name", from_hub)
+        if not weight_file.is_file():
             found = ", ".join(item.name for item in sorted(path.glob("*.safetensors"))) or "none"
             raise FileNotFoundError(
                 f"{name!r} has no weight file {weight_name!r} (.safetensors files there: {found}); pass one of "
                 "them as weight_name."
             )
-        return _from_file(path / weight_name, name, metadata)
+        return _from_file(weight_file, name, metadata)
     weight_name = metadata.get("weight_name", LORA_WEIGHT_NAME)
-    if (path / weight_name).is_file():
-        return _from_file(path / weight_name, name, metadata)
+    _check_relative(weight_name, name, f"{METADATA_NAME} weight_name")
+    weight_file = _inside(path, weight_name, name, f"{METADATA_NAME} weight_name", from_hub)
+    if weight_file.is_file():
+        return _from_file(weight_file, name, metadata)
     candidates = sorted(path.glob("*.safetensors"))
     if len(candidates) == 1:
-        return _from_file(candidates[0], name, metadata)
+        return _from_file(
+            _inside(path, candidates[0].name, name, "the only .safetensors file", from_hub), name, metadata
+        )
     pickles = sorted(item.name for item in path.iterdir() if item.suffix in _PICKLE_SUFFIXES)
     found = ", ".join(item.name for item in candidates) or "none"
     raise FileNotFoundError(
@@ -120,8 +135,47 @@ def load_expert(expert: Any, index: int = 0, weight_name: str | None = None, **h
     )
 
 
+def _check_relative(weight_name: Any, name: str, what: str) -> None:
+    """Refuse a weight file name that is not a plain relative path: absolute (POSIX or Windows) or with ".."."""
+    if not isinstance(weight_name, str) or not weight_name:
+        raise ValueError(f"Expert {name!r}: {what}={weight_name!r} is not a file name; pass a path inside the folder.")
+    windows = PureWindowsPath(weight_name)  # splits on both "/" and "\\"
+    if PurePosixPath(weight_name).is_absolute() or windows.anchor or ".." in windows.parts:
+        raise ValueError(
+            f"{what}={weight_name!r} points outside the adapter folder or repo {name!r}: it must be a path "
+            "relative to it, without '..' (e.g. 'pytorch_lora_weights.safetensors' or 'sub/file.safetensors')."
+        )
+
+
+def _inside(folder: Path, weight_name: str, name: str, what: str, from_hub: bool) -> Path:
+    """`folder / weight_name`, refused unless it resolves inside `folder` (symlinks followed).
+
+    A Hub snapshot's files are symlinks into its cache's `blobs` folder, which counts as inside; for a snapshot the
+    name alone was checked (`_check_relative`), as huggingface_hub wrote its links.
+    """
+    candidate = folder / weight_name
+    if from_hub or not candidate.exists():
+        return candidate  # nothing to follow yet: the file does not exist, and a missing file is reported as such
+    root = folder.resolve()
+    resolved = candidate.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # a Hub cache snapshot given by path: models--org--name/snapshots/<sha>
+        allowed.append(root.parent.parent / "blobs")
+    if not any(resolved.is_relative_to(place) for place in allowed):
+        raise ValueError(
+            f"{what}={weight_name!r} points outside the adapter folder {str(folder)!r} (it resolves to "
+            f"{str(resolved)!r}); the weight file must lie inside the adapter folder."
+        )
+    return candidate
+
+
 def expert_from_state_dict(
-    state: dict[str, torch.Tensor], name: str, metadata: dict[str, Any] | None = None, lora_config: dict | None = None
+    state: dict[str, torch.Tensor],
+    name: str,
+    metadata: dict[str, Any] | None = None,
+    lora_config: dict | None = None,
+    *,
+    source: str | None = None,
 ) -> LoraExpert:
     """Parse a UNet LoRA state dict into layers with the scale folded in: diffusers/PEFT keys, with or without the
     "unet." prefix (what `safety-dpo train`, diffusers' `train_diffusion_dpo.py` and other diffusers scripts save),
@@ -131,13 +185,16 @@ def expert_from_state_dict(
     The scale of a layer is `alpha / r`, alpha taken from `.alpha` keys, else from `lora_config` (the PEFT config
     diffusers stores in the file), else from `metadata["lora"]`, else alpha = r (diffusers' default).
 
+    `source` (the file the state dict was read from) only makes errors name it.
+
     Raises:
-        ValueError: If the state dict holds no UNet LoRA weights, holds text-encoder or DoRA weights, or a layer
-            lacks one of its two factors.
+        ValueError: If the state dict holds no UNet LoRA weights, holds text-encoder or DoRA weights, a layer
+            lacks one of its two factors, or a tensor or a layer's scale is NaN or infinite.
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     metadata = metadata or {}
+    _check_finite_tensors(state, f"Expert {name!r}" + (f" ({source})" if source else ""))
     text_encoder = sorted(key for key in state if key.startswith(("text_encoder", "te_", "lora_te")))
     if text_encoder:
         raise ValueError(
@@ -180,7 +237,43 @@ def expert_from_state_dict(
         rank = down.shape[0]
         alpha = alphas.get(layer, _configured_alpha(layer, rank, lora_config, metadata))
         layers[layer] = ((up * (alpha / rank)).contiguous(), down.contiguous())
-    return LoraExpert(name=name, layers=layers, metadata=metadata)
+    expert = LoraExpert(name=name, layers=layers, metadata=metadata)
+    check_finite(expert)  # a NaN or huge alpha (from the PEFT config or safety_dpo.json) folded into `up`
+    return expert
+
+
+def check_finite(expert: LoraExpert) -> None:
+    """Raise if a factor of the expert holds NaN or infinite values (in float32, with the LoRA scale folded in).
+
+    Such an adapter turns every image it touches black (NaN latents), which would read as "nothing unsafe drawn".
+
+    Raises:
+        ValueError: Naming the expert, the first broken layer and its factor.
+    """
+    for layer, (up, down) in expert.layers.items():
+        for factor, tensor in (("up (lora_B, scale folded in)", up), ("down (lora_A)", down)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"Expert {expert.name!r}: layer {layer!r} {factor} holds {_non_finite_summary(tensor)}; the "
+                    "adapter is broken (a diverged training run or a damaged file), and would draw black images. "
+                    "Retrain or re-download it."
+                )
+
+
+def _check_finite_tensors(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise naming the first floating-point tensor (in the state dict's order) that holds NaN or infinite values."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{what}: tensor {key!r} holds {_non_finite_summary(value)}; the adapter is broken (a diverged "
+                "training run or a damaged file), and would draw black images. Retrain or re-download it."
+            )
+
+
+def _non_finite_summary(tensor: torch.Tensor) -> str:
+    nan = int(torch.isnan(tensor).sum())
+    infinite = int(torch.isinf(tensor).sum())
+    return f"{nan} NaN and {infinite} infinite values (of {tensor.numel()})"
 
 
 def _from_other_formats(state: dict[str, torch.Tensor], name: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -293,7 +386,9 @@ def _from_file(path: Path, name: str, metadata: dict[str, Any]) -> LoraExpert:
     if "lora_adapter_metadata" in header:  # diffusers' save_lora_weights: the PEFT config, keys prefixed "unet."
         stored = json.loads(header["lora_adapter_metadata"])
         lora_config = {key.removeprefix("unet."): value for key, value in stored.items() if key.startswith("unet.")}
-    return expert_from_state_dict(state, name=name, metadata=metadata, lora_config=lora_config)
+    return expert_from_state_dict(
+        state, name=name, metadata=metadata, lora_config=lora_config, source=f"weight file {str(path)!r}"
+    )
 
 
 def _configured_alpha(layer: str, rank: int, lora_config: dict | None, metadata: dict[str, Any]) -> float:

@@ -10,6 +10,7 @@ kept so that unloading restores them bit for bit.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,14 +63,16 @@ class SafetyAdapterMixin:
             adapter_name: The adapter's name, as in `set_adapters`; it must not be in use.
             weight_name: The weight file in a folder or repo; None: the one `safety_dpo.json` names, or
                 `pytorch_lora_weights.safetensors`.
-            scale: The adapter's weight (1.0: as trained; 0.0: no effect).
+            scale: The adapter's weight, a finite number (1.0: as trained; 0.0: no effect).
             fuse: Add the adapter to the base weights: zero inference overhead, scale fixed until
                 `set_safety_scale` re-fuses it.
             **hub_kwargs: `huggingface_hub` download arguments (`revision`, `token`, `cache_dir`, ...).
 
         Raises:
-            ValueError: If the adapter is not a UNet LoRA, is a pickle file, was made for another architecture
-                (SD 1.x/2.x vs SDXL) or other layer shapes, or if `adapter_name` is taken.
+            ValueError: If the adapter is not a UNet LoRA, is a pickle file, holds NaN or infinite values or values
+                too large for the UNet's dtype at this scale, was made for another architecture (SD 1.x/2.x vs SDXL)
+                or other layer shapes, if its weight file lies outside its folder, if `scale` is not a finite
+                number, or if `adapter_name` is taken.
             FileNotFoundError: If the source or `weight_name` cannot be found.
 
         A base-model fingerprint that differs from this pipeline's UNet (an adapter trained on another checkpoint of
@@ -77,6 +80,7 @@ class SafetyAdapterMixin:
         """
         from safety_dpo.merging.experts import load_expert
 
+        scale = _finite_scale(scale)
         states = self._safety_states()
         if adapter_name in states or adapter_name in self._peft_adapter_names():
             raise ValueError(
@@ -94,12 +98,13 @@ class SafetyAdapterMixin:
             source="state dict" if isinstance(source, dict) else str(source),
             layers=adapter.layers,
             metadata=adapter.metadata,
-            scale=float(scale),
+            scale=scale,
             fused=fuse,
         )
         if fuse:
-            self._fuse(state)
+            self._fuse(state)  # checks each fused weight against the UNet's dtype
         else:
+            self._check_range(state)
             weights = self._active_adapter_weights()
             state.requires_grad = [(parameter, parameter.requires_grad) for parameter in self.unet.parameters()]
             lora = {}
@@ -107,7 +112,7 @@ class SafetyAdapterMixin:
                 lora[f"unet.{layer}.lora_A.weight"] = down
                 lora[f"unet.{layer}.lora_B.weight"] = up
             self.load_lora_weights(lora, adapter_name=adapter_name)
-            weights[adapter_name] = float(scale)
+            weights[adapter_name] = scale
             self.set_adapters(list(weights), list(weights.values()))
         states[adapter_name] = state
         logger.info(
@@ -137,20 +142,34 @@ class SafetyAdapterMixin:
                 parameter.requires_grad_(requires_grad)
 
     def set_safety_scale(self, scale: float, adapter_name: str | None = None) -> None:
-        """Change a safety adapter's weight (None: every safety adapter). A fused adapter is re-fused."""
+        """Change a safety adapter's weight (None: every safety adapter). A fused adapter is re-fused.
+
+        Raises:
+            ValueError: If `scale` is not a finite number, if no (or no such) safety adapter is loaded, or if an
+                adapter's weights at this scale exceed the UNet's dtype (that adapter keeps its old scale).
+        """
+        scale = _finite_scale(scale)
         states = self._safety_states()
         names = list(states) if adapter_name is None else [self._known(adapter_name)]
         if not names:
             raise ValueError("No safety adapter is loaded; call load_safety_adapter first.")
+        for name in names:  # check every adapter before changing any
+            if not states[name].fused:
+                self._check_range(states[name], scale)
         weights = self._active_adapter_weights()
         for name in names:
             state = states[name]
-            state.scale = float(scale)
+            previous, state.scale = state.scale, scale
             if state.fused:
                 self._restore(state)
-                self._fuse(state)
+                try:
+                    self._fuse(state)
+                except ValueError:
+                    state.scale = previous  # `_fuse` put the base weights back; fuse the old scale again
+                    self._fuse(state)
+                    raise
             else:
-                weights[name] = float(scale)
+                weights[name] = scale
         if any(not states[name].fused for name in names):
             self.set_adapters(list(weights), list(weights.values()))
 
@@ -222,12 +241,63 @@ class SafetyAdapterMixin:
         return module if isinstance(module, torch.nn.Linear) else None
 
     def _fuse(self, state: SafetyAdapterState) -> None:
+        """Add `scale * up @ down` to each layer's weight; if a fused weight leaves the range of the weight's dtype
+        (it would turn into inf, and the images black), put every weight back and raise."""
+        try:
+            for layer, (up, down) in state.layers.items():
+                weight = self._linear(layer).weight
+                state.original_weights.setdefault(layer, weight.detach().to("cpu", copy=True))
+                with torch.no_grad():
+                    delta = (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)) * state.scale
+                    fused = weight.float() + delta  # (out, in)
+                    largest = float(fused.abs().max())
+                    if weight.is_floating_point() and not largest <= torch.finfo(weight.dtype).max:  # NaN fails too
+                        raise ValueError(self._overflow_message(state, layer, weight.dtype, largest, "fused weight"))
+                    weight.copy_(fused.to(weight.dtype))
+        except ValueError:
+            self._restore(state)
+            raise
+
+    def _check_range(self, state: SafetyAdapterState, scale: float | None = None) -> None:
+        """Raise if an unfused adapter's factors or delta weights at `scale` (default: its own) exceed the range of
+        the layer's dtype, in which PEFT computes them.
+
+        PEFT computes `lora_B(lora_A(x))` in that dtype before multiplying by the scale, so a scale below 1 does
+        not make a too-large adapter safe: the factors and the delta are checked at `max(|scale|, 1)`. Cheap: the
+        bound max|delta| <= max_i sum_k |up_ik| * max|down| costs one pass over the factors; the exact delta is
+        computed only for a layer whose bound is out of range.
+        """
+        scale = state.scale if scale is None else scale
+        magnitude = max(abs(scale), 1.0)
         for layer, (up, down) in state.layers.items():
-            weight = self._linear(layer).weight
-            state.original_weights.setdefault(layer, weight.detach().to("cpu", copy=True))
-            delta = (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)) * state.scale
-            with torch.no_grad():
-                weight.copy_((weight.float() + delta).to(weight.dtype))
+            dtype = self._linear(layer).weight.dtype
+            if not dtype.is_floating_point:
+                continue
+            limit = torch.finfo(dtype).max
+            factors = max(float(up.abs().max()) * magnitude, float(down.abs().max()))
+            if not factors <= limit:
+                raise ValueError(self._overflow_message(state, layer, dtype, factors, "LoRA factor", scale))
+            bound = float(up.abs().sum(dim=1).max()) * magnitude * float(down.abs().max())
+            if not bound <= limit:
+                largest = float((up @ down).abs().max()) * magnitude  # (out, in)
+                if not largest <= limit:
+                    raise ValueError(self._overflow_message(state, layer, dtype, largest, "delta weight", scale))
+
+    @staticmethod
+    def _overflow_message(
+        state: SafetyAdapterState,
+        layer: str,
+        dtype: torch.dtype,
+        largest: float,
+        what: str,
+        scale: float | None = None,
+    ) -> str:
+        return (
+            f"The safety adapter {state.source!r} at scale {state.scale if scale is None else scale}: layer {layer!r} "
+            f"has a {what} of magnitude {largest:.3g}, beyond {dtype}'s largest value {torch.finfo(dtype).max:.3g}; "
+            "it would turn into inf and the images black. The adapter's weights are far too large (a diverged "
+            "training run?); retrain it, lower the scale, or load the pipeline in a wider dtype (float32, bfloat16)."
+        )
 
     def _restore(self, state: SafetyAdapterState) -> None:
         with torch.no_grad():
@@ -253,3 +323,17 @@ class SafetyAdapterMixin:
                     weights[name] = module.scaling[name] * module.r[name] / module.lora_alpha[name]
                     break
         return weights
+
+
+def _finite_scale(scale: Any) -> float:
+    """`scale` as a float, refused unless it is a finite number (NaN or inf would turn every image black)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(
+            f"scale={scale!r} is not a finite number; pass a real number such as 1.0 (the adapter as trained), 0.5 "
+            "(half its effect) or 0.0 (no effect)."
+        )
+    return value

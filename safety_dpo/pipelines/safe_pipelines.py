@@ -11,7 +11,7 @@ from typing import Any
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from safety_dpo.pipelines.mixin import SafetyAdapterMixin
+from safety_dpo.pipelines.mixin import SafetyAdapterMixin, _finite_scale
 
 
 class _SafeFromPretrained:
@@ -32,7 +32,13 @@ class _SafeFromPretrained:
             safety_scale: Its weight.
             fuse_safety_adapter: Fuse it into the base weights (zero inference overhead).
             **kwargs: diffusers `from_pretrained` arguments (`torch_dtype`, `variant`, `revision`, ...).
+
+        Raises:
+            ValueError: If `safety_scale` is not a finite number (checked before the base model is loaded), or as
+                `load_safety_adapter` raises.
         """
+        if safety_adapter is not None:
+            _finite_scale(safety_scale)
         pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if safety_adapter is not None:
             hub_kwargs = {key: kwargs[key] for key in ("token", "cache_dir", "local_files_only") if key in kwargs}
