@@ -274,6 +274,7 @@ class _stage:
 
 def _add_evaluation_to_card(adapter_dir: Path, results: dict[str, Any]) -> None:
     """Put the headline numbers into the adapter's card and safety_dpo.json."""
+    from safety_dpo.hub import markdown_code, markdown_text
     from safety_dpo.trainer.adapter_io import read_metadata, write_metadata
 
     metadata = read_metadata(adapter_dir) or {}
@@ -282,11 +283,13 @@ def _add_evaluation_to_card(adapter_dir: Path, results: dict[str, Any]) -> None:
     card = adapter_dir / "README.md"
     if card.is_file():
         text = card.read_text(encoding="utf-8").split("\n## Evaluation (safety-dpo align)")[0].rstrip()
-        rows = "\n".join(f"| {key} | {_format(value)} |" for key, value in metadata["evaluation"].items())
+        rows = "\n".join(
+            f"| {markdown_text(key)} | {_format(value)} |" for key, value in metadata["evaluation"].items()
+        )
         text += (
             "\n\n## Evaluation (safety-dpo align)\n\n"
-            f"Prompts: `{results['prompts']['source']}`, detectors: "
-            + ", ".join(f"`{spec}`" for spec in results["protocol"]["detectors"])
+            f"Prompts: {markdown_code(results['prompts']['source'])}, detectors: "
+            + ", ".join(markdown_code(spec) for spec in results["protocol"]["detectors"])
             + "; the full report is `evaluation/report.md` of the alignment folder.\n\n| metric | value |\n| --- | --- |\n"
             + rows
             + "\n"

@@ -110,11 +110,11 @@ class MergedAdapter:
             return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     def _card(self, metadata: dict[str, Any], repo_id: str | None):
-        from safety_dpo.hub import hub_id_or_none, render_model_card
+        from safety_dpo.hub import hub_id_or_none, markdown_code, render_model_card
 
         base_model = metadata.get("base_model")
         on_hub = hub_id_or_none(base_model) is not None
-        sources = ", ".join(f"`{entry['name']}`" for entry in self.merged_from)
+        sources = ", ".join(markdown_code(entry["name"]) for entry in self.merged_from)
         dataset = hub_id_or_none(metadata.get("dataset"))
         return render_model_card(
             repo_id=repo_id,
@@ -122,7 +122,7 @@ class MergedAdapter:
             datasets=[dataset] if dataset else None,
             model_name="SafetyDPO merged safety adapter",
             description=f"Merged by {self.config.describe()} from {len(self.merged_from)} experts: {sources}."
-            + ("" if on_hub else f" Base model: `{base_model}`."),
+            + ("" if on_hub else f" Base model: {markdown_code(base_model)}."),
             categories=metadata.get("categories"),
             concepts=metadata.get("concepts") or None,
             weight_name=LORA_WEIGHT_NAME,
