@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -11,6 +14,28 @@ from safety_dpo.trainer.losses import LOSS_TYPES
 
 PROMPT_CONDITIONS: tuple[str, ...] = ("unsafe", "safe", "both")
 PAPER_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+# The fields that do not change an expert's weights: where files go, what is logged and evaluated, and how fast the
+# same computation runs. Every other field is a training setting (`SafetyDPOConfig.training_settings`), which an expert
+# records and a rerun must match; listing what is left out, rather than what is kept, means that a field a later
+# transformers adds is compared until someone decides it does not matter.
+NON_TRAINING_FIELDS = frozenset(
+    {
+        # where files go and what is recorded of the run
+        "output_dir", "dataset_name", "run_name", "project", "report_to", "disable_tqdm", "skip_memory_metrics",
+        "include_num_input_tokens_seen", "push_to_hub", "resume_from_checkpoint", "do_train", "do_eval", "do_predict",
+        # evaluation (the eval set is not part of the expert either)
+        "per_device_eval_batch_size", "prediction_loss_only", "include_for_metrics", "batch_eval_metrics",
+        "bf16_full_eval", "fp16_full_eval",
+        # how fast the same computation runs, and on what: same maths, so a resumed run may change them
+        "use_cpu", "local_rank", "debug", "precompute", "precompute_batch_size", "gradient_checkpointing",
+        "gradient_checkpointing_kwargs", "activation_checkpointing", "activation_checkpointing_kwargs",
+        "torch_compile", "torch_compile_backend", "torch_compile_mode", "torch_empty_cache_steps",
+        "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+        "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "enable_jit_checkpoint",
+    }
+)  # fmt: skip
+NON_TRAINING_PREFIXES = ("logging_", "log_", "eval_", "save_", "hub_", "trackio_", "ddp_")
 
 
 @dataclass
@@ -79,6 +104,9 @@ class SafetyDPOConfig(TrainingArguments):
             Batch size of that encoding pass.
         dataset_name (`str` or `None`, defaults to `None`):
             The dataset's Hub id or path, recorded in the expert's `safety_dpo.json` and card.
+
+    Numbers are checked: `max_steps` must be >= 1 (or -1, "train `num_train_epochs` epochs"); `learning_rate`, `beta`,
+    `alpha` and `num_train_epochs` must be finite and > 0; batch sizes and `gradient_accumulation_steps` >= 1.
 
     Defaults that differ from `TrainingArguments`: `learning_rate=1e-4` (a LoRA rate), `logging_steps=10`,
     `remove_unused_columns=False` (the trainer reads its own columns), `report_to` = TensorBoard when it is installed.
@@ -150,15 +178,9 @@ class SafetyDPOConfig(TrainingArguments):
                 f"prompt_condition={self.prompt_condition!r} is not supported; use one of "
                 f"{', '.join(PROMPT_CONDITIONS)}."
             )
-        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
-            raise ValueError(f"rpo_alpha must be >= 0 or None, got {self.rpo_alpha}.")
-        if not self.preservation_weight >= 0:
-            raise ValueError(f"preservation_weight must be >= 0, got {self.preservation_weight}.")
+        self._check_numbers()
         if self.preservation_prompts is not None and not self.preservation_prompts:
             raise ValueError("preservation_prompts is empty; pass None to use the dataset's safe prompts.")
-        for name, value in (("beta", self.beta), ("alpha", self.alpha)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}.")
         for name, value in (
             ("empty_prompt_probability", self.empty_prompt_probability),
             ("lora_dropout", self.lora_dropout),
@@ -176,6 +198,47 @@ class SafetyDPOConfig(TrainingArguments):
         if self.dataloader_pin_memory and not _has_accelerator():
             self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on a CPU it only warns
         super().__post_init__()
+
+    def _check_numbers(self) -> None:
+        """Refuse the numbers that `Trainer` would misread rather than reject (`max_steps=0` trains one step,
+        `max_steps=-5` trains `num_train_epochs` epochs, `learning_rate=0` trains nothing)."""
+        if (
+            isinstance(self.max_steps, bool)
+            or not isinstance(self.max_steps, int)
+            or not (self.max_steps >= 1 or self.max_steps == -1)
+        ):
+            raise ValueError(
+                f"max_steps must be a whole number >= 1 (the optimizer steps to train), or -1 to train "
+                f"num_train_epochs epochs instead; got {self.max_steps!r}."
+            )
+        for name, value in (
+            ("learning_rate", self.learning_rate),
+            ("beta", self.beta),
+            ("alpha", self.alpha),
+            ("num_train_epochs", self.num_train_epochs),
+        ):
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be > 0 and finite, got {value!r}.")
+        for name, value in (
+            ("per_device_train_batch_size", self.per_device_train_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            ("precompute_batch_size", self.precompute_batch_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+        if self.rpo_alpha is not None and not (self.rpo_alpha >= 0 and math.isfinite(self.rpo_alpha)):
+            raise ValueError(f"rpo_alpha must be >= 0 and finite, or None, got {self.rpo_alpha}.")
+        if not (self.preservation_weight >= 0 and math.isfinite(self.preservation_weight)):
+            raise ValueError(f"preservation_weight must be >= 0 and finite, got {self.preservation_weight}.")
+
+    def training_settings(self) -> dict[str, Any]:
+        """The fields that decide the trained weights (all but `NON_TRAINING_FIELDS`), as they read back from JSON."""
+        settings = {
+            name: value
+            for name, value in self.to_dict().items()
+            if name not in NON_TRAINING_FIELDS and not name.startswith(NON_TRAINING_PREFIXES)
+        }
+        return json.loads(json.dumps(settings, default=str))
 
 
 def _has_accelerator() -> bool:

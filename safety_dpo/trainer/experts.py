@@ -1,17 +1,28 @@
 """Training several experts in a row (`safety-dpo train --all-categories`), resumably, and loading the dataset.
 
-An expert directory is finished when its `safety_dpo.json` exists (written by the final `save_model`; checkpoints
-write theirs inside `checkpoint-N/`). A directory with checkpoints but no `safety_dpo.json` resumes from the last one.
+An expert directory is finished when its `safety_dpo.json` exists: the final `save_model` writes it last, after the
+weights, `training_settings.json` and the card (checkpoints write theirs inside `checkpoint-N/`). Before any work, a
+run compares its training settings with those each directory recorded:
+
+- a finished expert with the same settings is reused: nothing is trained, and `ExpertDirectories.reused` says so;
+- an unfinished one resumes from its last complete checkpoint (the trainer sets incomplete ones aside), if that
+  checkpoint recorded the same settings;
+- other settings are refused with a `ValueError` that lists them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safety_dpo.trainer.adapter_io import METADATA_NAME
+from safety_dpo.trainer import adapter_io
+
+if TYPE_CHECKING:
+    from safety_dpo.trainer.config import SafetyDPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -24,15 +35,46 @@ def load_pairs(dataset: Any, split: str = "train"):
         return dataset
     path = Path(dataset).expanduser()
     if (path / "dataset_dict.json").is_file():
-        splits = datasets.load_from_disk(str(path))
+        splits = _load_from_disk(path)
         if split not in splits:
             raise ValueError(f"Dataset {str(path)!r} has no {split!r} split; it has {sorted(splits)}.")
         return splits[split]
     if (path / "dataset_info.json").is_file():
-        return datasets.load_from_disk(str(path))
+        return _load_from_disk(path)
     if path.exists():
         raise ValueError(f"{str(path)!r} is neither a `build-data` output folder nor a saved datasets.Dataset.")
     return datasets.load_dataset(str(dataset), split=split)
+
+
+def _load_from_disk(path: Path):
+    """`datasets.load_from_disk`, with a damaged file (a truncated or corrupt arrow file, broken JSON) named."""
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        arrow_files = sorted(str(file.relative_to(path)) for file in path.rglob("*.arrow"))
+        raise ValueError(
+            f"Dataset {str(path)!r} cannot be read ({type(error).__name__}: {error}); one of its files is damaged "
+            f"(arrow files: {', '.join(arrow_files) or 'none'}). Build it again (`safety-dpo build-data` into a new "
+            "folder) or copy it again."
+        ) from error
+
+
+class ExpertDirectories(list[Path]):
+    """What `train_experts` returns: the experts' directories (a list of `Path`s, in training order), and in
+    `reused` those that already held a finished expert trained with the same settings, into which nothing was
+    trained."""
+
+    def __init__(self, directories: Iterable[Path] = (), reused: Iterable[Path] = ()) -> None:
+        super().__init__(directories)
+        self.reused = list(reused)
+
+    @property
+    def trained(self) -> list[Path]:
+        """The directories an expert was trained (or finished) into by this call."""
+        return [directory for directory in self if directory not in self.reused]
 
 
 def train_experts(
@@ -45,9 +87,10 @@ def train_experts(
     max_steps: int | None = None,
     config_flags: list[str] | None = None,
     **config_kwargs: Any,
-) -> list[Path]:
+) -> ExpertDirectories:
     """Train one expert (`category`), one LoRA on several categories (`categories`), or one expert per category
-    (`all_categories`, into `output_dir/<category>/`). Finished experts are skipped; unfinished ones resume.
+    (`all_categories`, into `output_dir/<category>/`). Finished experts trained with the same settings are reused;
+    unfinished ones resume.
 
     Args:
         dataset: A CoProV2 `Dataset`, a `build-data` folder or a Hub id (its `train` split is used).
@@ -59,12 +102,16 @@ def train_experts(
         **config_kwargs: `SafetyDPOConfig` fields, in Python.
 
     Returns:
-        The directories of the trained experts.
+        The experts' directories; `.reused` lists those that were finished already, with these settings.
+
+    Raises:
+        ValueError: Before anything is written, for an invalid setting, or for a directory whose finished expert or
+            last checkpoint recorded other training settings (listing them).
     """
     from transformers import HfArgumentParser
 
     from safety_dpo.trainer.config import SafetyDPOConfig
-    from safety_dpo.trainer.trainer import SafetyDPOTrainer
+    from safety_dpo.trainer.trainer import SafetyDPOTrainer, expert_training_settings
 
     chosen = [category is not None, categories is not None, all_categories]
     if sum(chosen) != 1:
@@ -78,28 +125,81 @@ def train_experts(
     else:
         names = [category] if category is not None else list(categories)
         plan = [(None, names)]
-    trained = []
+    # 1. Every expert's settings, checked before anything is written
+    experts = []
     for subdirectory, names in plan:
         expert_dir = Path(output_dir) / subdirectory if subdirectory else Path(output_dir)
-        if (expert_dir / METADATA_NAME).is_file():
-            logger.info("Expert %s is finished; skipping it.", expert_dir)
-            trained.append(expert_dir)
-            continue
         settings = dict(flag_settings)
         settings.update(output_dir=str(expert_dir), categories=names, **config_kwargs)
         if max_steps is not None:
             settings["max_steps"] = max_steps
         if isinstance(dataset, (str, os.PathLike)) and settings.get("dataset_name") is None:
             settings["dataset_name"] = str(dataset)
-        args = SafetyDPOConfig(**settings)
-        trainer = SafetyDPOTrainer(model=model, args=args, train_dataset=pairs)
-        resume = any(expert_dir.glob("checkpoint-*"))
-        logger.info("Training the expert for %s into %s%s.", names, expert_dir, " (resuming)" if resume else "")
-        trainer.train(resume_from_checkpoint=True if resume else None)
-        trainer.save_state()  # trainer_state.json: the logged metrics, beside the adapter
-        trainer.save_model()
-        trained.append(expert_dir)
-    return trained
+        experts.append((expert_dir, SafetyDPOConfig(**settings)))
+    # 2. What each directory holds, against the training settings, before any work
+    base_model, fingerprint = _base_model_name(model), getattr(pairs, "_fingerprint", None)
+    reused = [
+        expert_dir
+        for expert_dir, args in experts
+        if _is_finished(expert_dir, args, expert_training_settings(args, base_model, fingerprint))
+    ]
+    # 3. Training the others, one job per output folder (a second process is refused, naming this one)
+    from safety_dpo.data.generation import process_state
+    from safety_dpo.folder_lock import FolderLock
+
+    main_process = process_state().is_main_process
+    with FolderLock(output_dir, "safety-dpo train") if main_process else contextlib.nullcontext():
+        for expert_dir, args in experts:
+            if expert_dir in reused:
+                _reuse(expert_dir, args)
+                continue
+            trainer = SafetyDPOTrainer(model=model, args=args, train_dataset=pairs)
+            resume = bool(adapter_io.checkpoints(expert_dir))
+            logger.info(
+                "Training the expert for %s into %s%s.", args.categories, expert_dir, " (resuming)" if resume else ""
+            )
+            trainer.train(resume_from_checkpoint=True if resume else None)
+            trainer.save_state()  # trainer_state.json: the logged metrics, beside the adapter
+            trainer.save_model()
+    return ExpertDirectories([expert_dir for expert_dir, _ in experts], reused)
+
+
+def _is_finished(expert_dir: Path, args: SafetyDPOConfig, settings: dict[str, Any]) -> bool:
+    """Whether `expert_dir` holds a finished expert trained with `settings`.
+
+    Raises:
+        ValueError: If its finished expert, or else its last complete checkpoint, recorded other settings.
+    """
+    if adapter_io.read_metadata(expert_dir) is not None:
+        adapter_io.check_training_settings(expert_dir, settings)
+        return True
+    with_optimizer = adapter_io.saves_optimizer(args)
+    for checkpoint in reversed(adapter_io.checkpoints(expert_dir)):
+        if not adapter_io.checkpoint_gaps(checkpoint, with_optimizer):
+            adapter_io.check_training_settings(checkpoint, settings)
+            break
+    return False
+
+
+def _reuse(expert_dir: Path, args: SafetyDPOConfig) -> None:
+    logger.info(
+        "Expert %s is finished and was trained with these settings; nothing was trained, it is reused as it is.",
+        expert_dir,
+    )
+    if not (expert_dir / "README.md").is_file():  # written before safety_dpo.json since; not by older versions
+        logger.info("Writing the missing card (README.md) of %s.", expert_dir)
+        adapter_io.write_card(expert_dir, adapter_io.read_metadata(expert_dir), repo_id=args.hub_model_id)
+
+
+def _base_model_name(model: Any) -> str:
+    """The base model's name as `trainer.components.load_components` gives it, without loading the model."""
+    from safety_dpo.data.generation import MICROWORLD_MODEL
+
+    if model is None:
+        return MICROWORLD_MODEL
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return str(getattr(model, "name_or_path", None) or type(model).__name__)
 
 
 def _parse_flags(parser, flags: list[str]) -> dict[str, Any]:

@@ -6,13 +6,20 @@ One step (compare diffusers' `examples/research_projects/diffusion_dpo/train_dif
 3. the policy (UNet + LoRA) predicts on both images in one batch of 2B; so does the reference, which is the same
    UNet with its adapters disabled (no second UNet);
 4. `safety_dpo.trainer.losses.diffusion_dpo_loss` on the per-image errors.
+
+Every checkpoint and the finished expert record the settings that decided their weights (`training_settings.json`);
+`train(resume_from_checkpoint=True)` sets aside checkpoints that a killed run left incomplete and refuses to resume
+one trained with other settings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +32,8 @@ from safety_dpo.trainer.data import PairExamples, collate_examples, precompute, 
 from safety_dpo.trainer.losses import diffusion_dpo_loss, per_sample_mse, reward_accuracy, safety_dpo_loss
 
 logger = logging.getLogger(__name__)
+
+INCOMPLETE_DIR = "_incomplete"  # starts with "_": Trainer.push_to_hub leaves it out
 
 
 class SafetyDPOTrainer(Trainer):
@@ -64,6 +73,7 @@ class SafetyDPOTrainer(Trainer):
         train_pairs = prepare_pairs(train_dataset, args.categories, args.prompt_condition)
         eval_pairs = prepare_pairs(eval_dataset, args.categories, args.prompt_condition) if eval_dataset else None
         self.concepts = _concepts_by_category(train_pairs)
+        self.dataset_fingerprint = getattr(train_dataset, "_fingerprint", None)
         self._freeze_and_add_lora(args)
         device = args.device
         for module in (self.components.vae, *self.components.text_encoders):
@@ -252,14 +262,66 @@ class SafetyDPOTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        metadata = self.adapter_metadata()
         adapter_io.save_expert(
-            output_dir, unet=self.components.unet, architecture=self.components.architecture, metadata=metadata
+            output_dir,
+            unet=self.components.unet,
+            architecture=self.components.architecture,
+            metadata=self.adapter_metadata(),
+            training_settings=self.training_settings(),
+            repo_id=self.hub_model_id,
         )
-        adapter_io.write_card(output_dir, metadata, repo_id=self.hub_model_id)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         adapter_io.load_lora_into_unet(self.components.unet, resume_from_checkpoint)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """`Trainer.train`, resuming only what is whole and was trained with these settings.
+
+        With `resume_from_checkpoint=True`, checkpoints that a killed run left incomplete are moved to
+        `output_dir/_incomplete/` (with a warning) and training resumes from the last complete one, or from scratch
+        when none is left.
+
+        Raises:
+            ValueError: If the checkpoint to resume recorded other training settings (they are listed), or a
+                checkpoint named by its path is incomplete.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            gaps = adapter_io.checkpoint_gaps(resume_from_checkpoint, adapter_io.saves_optimizer(self.args))
+            if gaps:
+                raise ValueError(
+                    f"Checkpoint {str(resume_from_checkpoint)!r} is incomplete (it lacks {', '.join(gaps)}); resume "
+                    "from another checkpoint."
+                )
+            adapter_io.check_training_settings(resume_from_checkpoint, self.training_settings())
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _last_complete_checkpoint(self) -> str | bool | None:
+        """The newest complete checkpoint, after setting aside the newer incomplete ones; None when none is left,
+        True when there was none to begin with (so that `Trainer.train` reports it)."""
+        found = adapter_io.checkpoints(self.args.output_dir)
+        if not found:
+            return True
+        for checkpoint in reversed(found):
+            gaps = adapter_io.checkpoint_gaps(checkpoint, adapter_io.saves_optimizer(self.args))
+            if not gaps:
+                return str(checkpoint)
+            aside = Path(self.args.output_dir) / INCOMPLETE_DIR / checkpoint.name
+            logger.warning(
+                "Checkpoint %s is incomplete (it lacks %s: the run stopped while writing it); moving it to %s.",
+                checkpoint, ", ".join(gaps), aside,
+            )  # fmt: skip
+            if self.args.should_save:
+                shutil.rmtree(aside, ignore_errors=True)
+                aside.parent.mkdir(exist_ok=True)
+                os.replace(checkpoint, aside)
+        logger.warning("No complete checkpoint is left in %s; training from scratch.", self.args.output_dir)
+        return None
+
+    def training_settings(self) -> dict[str, Any]:
+        """What decides this expert's weights; see `expert_training_settings`."""
+        return expert_training_settings(self.args, self.components.base_model, self.dataset_fingerprint)
 
     def adapter_metadata(self) -> dict[str, Any]:
         """What `safety_dpo.json` says of this expert."""
@@ -301,6 +363,15 @@ class SafetyDPOTrainer(Trainer):
         """Write the adapter card (`hub_cards/adapter_card.md`) as `README.md` in `output_dir`."""
         if self.is_world_process_zero():
             adapter_io.write_card(self.args.output_dir, self.adapter_metadata(), repo_id=self.hub_model_id)
+
+
+def expert_training_settings(
+    args: SafetyDPOConfig, base_model: str, dataset_fingerprint: str | None
+) -> dict[str, Any]:
+    """Everything that decides an expert's weights: the base model, the training rows (the `datasets` fingerprint of
+    the dataset given to the trainer, before choosing categories) and `args.training_settings()`. Every checkpoint and
+    finished expert records it in `training_settings.json`; resuming or reusing one takes the same settings."""
+    return {"base_model": base_model, "dataset_fingerprint": dataset_fingerprint, **args.training_settings()}
 
 
 def _describe_prompts(prompts: list[str] | None) -> dict[str, Any] | str:
