@@ -150,7 +150,13 @@ def _run_train(args: argparse.Namespace) -> int:
         **settings,
     )
     for directory in trained:
-        print(f"Safety expert written to {directory} (load it with pipe.load_lora_weights).")
+        if directory in trained.reused:
+            print(
+                f"Safety expert {directory} was already trained with these settings; nothing was trained (load it "
+                "with pipe.load_safety_adapter)."
+            )
+        else:
+            print(f"Safety expert written to {directory} (load it with pipe.load_safety_adapter).")
     return 0
 
 

@@ -221,3 +221,26 @@ def test_a_yaml_syntax_error_and_an_unreachable_hub_are_one_line_errors(tmp_path
     monkeypatch.setattr(runner, "load_prompt_set", unreachable)
     assert main(["evaluate", "--model", "org/model", "--prompts", "i2p", "--output-dir", str(tmp_path / "e")]) == 2
     assert "ConnectionError: Couldn't reach 'org/model'" in capsys.readouterr().err
+
+
+def test_a_damaged_dataset_or_adapter_metadata_is_named_in_one_line(tmp_path, capsys):
+    import shutil
+
+    from safety_dpo.microworld import reference_adapter_path
+
+    CoProV2Builder(**BUILD).build(tmp_path / "build", progress=False)
+    arrow = next((tmp_path / "build" / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # a copy cut short
+    command = ["train", "--dataset", str(tmp_path / "build"), "--category", "violence", "--output-dir"]
+    assert main([*command, str(tmp_path / "expert")]) == 2
+    assert f"Dataset {str(tmp_path / 'build')!r} cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "expert").exists()
+    shutil.copytree(reference_adapter_path(), tmp_path / "adapter")
+    (tmp_path / "adapter" / "safety_dpo.json").write_text("{not json")
+    assert (
+        main(
+            ["generate", "a knife", "--safety-adapter", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "g")]
+        )
+        == 2
+    )
+    assert "safety_dpo.json' is damaged" in capsys.readouterr().err and not (tmp_path / "g").exists()

@@ -405,4 +405,6 @@ def _configured_alpha(layer: str, rank: int, lora_config: dict | None, metadata:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    from safety_dpo.trainer.adapter_io import read_json_file
+
+    return read_json_file(path) or {}
