@@ -715,7 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 MICROWORLD_THREADS = 1
-"""Torch threads per process for the microworld (benchmarks/bench_threads.py measures why)."""
+"""Torch threads per process for the microworld. One thread draws 0.65x as fast as two on an idle 2-core machine, but
+8.5x as fast when another busy process shares the cores (benchmarks/bench_threads.py), and a fixed count keeps the
+microworld's numbers the same on every machine (the thread count changes the pixels: the order of float sums)."""
 
 
 def _set_threads(args: argparse.Namespace) -> None:

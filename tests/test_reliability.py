@@ -244,3 +244,37 @@ def test_a_damaged_dataset_or_adapter_metadata_is_named_in_one_line(tmp_path, ca
         == 2
     )
     assert "safety_dpo.json' is damaged" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_the_cpu_thread_count_is_part_of_what_draws_an_evaluations_images(tmp_path):
+    import torch
+
+    run_evaluation(tmp_path, **FAST)
+    assert json.loads((tmp_path / "images" / "base" / "generation.json").read_text())["cpu_threads"] == 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # the pixels differ with the thread count: the images are not reused
+    try:
+        with pytest.raises(FileExistsError, match="cpu_threads: 1 there, 2 now"):
+            run_evaluation(tmp_path, **FAST)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_cli_runs_the_microworld_on_one_thread_unless_told_otherwise(monkeypatch):
+    import argparse
+
+    import torch
+
+    from safety_dpo import cli
+
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.delenv("SAFETY_DPO_NUM_THREADS", raising=False)
+    cli._set_threads(argparse.Namespace(num_threads=None, model=None, command="align"))
+    cli._set_threads(argparse.Namespace(num_threads=None, model="org/sd", command="align"))  # real model: torch's
+    cli._set_threads(argparse.Namespace(num_threads=3, model="org/sd", command="align"))
+    monkeypatch.setenv("SAFETY_DPO_NUM_THREADS", "2")
+    cli._set_threads(argparse.Namespace(num_threads=None, model=None, command="evaluate"))
+    assert chosen == [1, 3, 2]
+    with pytest.raises(SystemExit, match="--num-threads must be at least 1"):
+        cli._set_threads(argparse.Namespace(num_threads=0, model=None, command="evaluate"))

@@ -159,6 +159,9 @@ def run_evaluation(
             settings = _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype)
             if adapter is not None:
                 settings["safety_adapter_sha256"] = adapter_digest
+            if torch.device(device or state.device).type == "cpu":
+                # On a CPU the thread count changes the pixels (the order of float sums), so it decides the images.
+                settings["cpu_threads"] = torch.get_num_threads()
             if state.is_main_process:
                 cache.claim(settings)
             state.wait_for_everyone()
