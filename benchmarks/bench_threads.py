@@ -1,7 +1,8 @@
 """Torch threads for the microworld, on an idle machine and on one shared with another busy process.
 
 Draws the same microworld images with 1 thread, with torch's default (one per core), and with the default under
-`OMP_WAIT_POLICY=PASSIVE` (OpenMP threads sleep instead of spinning while they wait), first alone, then while a
+`OMP_WAIT_POLICY=PASSIVE` (OpenMP threads sleep instead of spinning while they wait), and with the CLI's choice
+(safety_dpo/threads.py: the cores other processes leave free, at most 2), first alone, then while a
 second process keeps every core busy (a matrix-multiply loop with torch's default threads, like another training
 job). Each setting runs in a fresh process (torch's thread pool is fixed once used); the settings alternate and
 each is measured `--rounds` times; medians of images per second.
@@ -23,7 +24,10 @@ import time
 DRAW = """
 import json, sys, time, torch
 threads = int(sys.argv[1])
-if threads:
+if threads == -1:  # what the CLI does for the microworld: the cores other processes leave free
+    from safety_dpo.threads import free_threads
+    torch.set_num_threads(free_threads())
+elif threads:
     torch.set_num_threads(threads)
 from safety_dpo.microworld import load_pipeline, load_protocol, sample_prompts
 from safety_dpo.data.generation import use_scheduler
@@ -72,6 +76,7 @@ def main() -> None:
         "1 thread": (1, {}),
         default: (0, {}),
         f"{default}, OMP_WAIT_POLICY=PASSIVE": (0, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "free cores (the CLI's choice for the microworld)": (-1, {}),
     }
     results: dict[str, dict[str, list[float]]] = {}
     for load in ("idle", "shared with a busy process"):

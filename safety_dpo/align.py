@@ -25,6 +25,7 @@ from typing import Any
 
 from safety_dpo.data.build_dir import write_text
 from safety_dpo.folder_lock import LOCK_FILE, FolderLock
+from safety_dpo.threads import adapt_threads
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def _align(
 
         for index, category in enumerate(chosen, start=1):
             logger.info("Expert %d/%d: %s", index, len(chosen), category)
+            adapt_threads()
             train_experts(
                 data_dir,
                 experts_dir / category,
@@ -261,6 +263,7 @@ class _stage:
         logger.info(
             "Stage %d/%d: %s%s", self.number, len(STAGES), self.name, " (finished; reading it back)" if done else ""
         )
+        adapt_threads()  # the cores other processes left free now (only where the CLI enabled it: threads.py)
         self.start = time.perf_counter()
 
     def __exit__(self, error_type, *_: Any) -> None:

@@ -663,8 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-threads",
         type=int,
-        help="CPU threads per process for torch (default: $SAFETY_DPO_NUM_THREADS, else 1 for the microworld, whose "
-        "tiny models gain nothing from more and slow down badly when the machine is shared, else torch's default).",
+        help="CPU threads per process for torch (default: $SAFETY_DPO_NUM_THREADS; else, for the microworld, the cores "
+        "other processes leave free, at most 2, because its tiny models slow down badly on cores another process "
+        "uses; else torch's default).",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for add_subcommand in (
@@ -714,16 +715,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-MICROWORLD_THREADS = 1
-"""Torch threads per process for the microworld. One thread draws 0.65x as fast as two on an idle 2-core machine, but
-8.5x as fast when another busy process shares the cores (benchmarks/bench_threads.py), and a fixed count keeps the
-microworld's numbers the same on every machine (the thread count changes the pixels: the order of float sums)."""
-
-
 def _set_threads(args: argparse.Namespace) -> None:
-    """One thread per process for the microworld unless told otherwise; torch's default for real models."""
+    """`--num-threads` / `$SAFETY_DPO_NUM_THREADS` when given; for the microworld, the cores other processes leave
+    free (1 or 2, chosen again at each stage: safety_dpo/threads.py); torch's default for real models."""
     import os
 
+    from safety_dpo.threads import disable_adaptive_threads, enable_adaptive_threads
+
+    disable_adaptive_threads()
     threads = args.num_threads
     if threads is None and os.environ.get("SAFETY_DPO_NUM_THREADS"):
         try:
@@ -731,9 +730,9 @@ def _set_threads(args: argparse.Namespace) -> None:
         except ValueError:
             value = os.environ["SAFETY_DPO_NUM_THREADS"]
             raise SystemExit(f"SAFETY_DPO_NUM_THREADS must be an integer, got {value!r}.") from None
-    if threads is None and getattr(args, "model", None) is None and args.command not in ("env", "convert-q16"):
-        threads = MICROWORLD_THREADS
     if threads is None:
+        if getattr(args, "model", None) is None and args.command not in ("env", "convert-q16", "merge"):
+            enable_adaptive_threads()
         return
     if threads < 1:
         raise SystemExit(f"--num-threads must be at least 1, got {threads}.")

@@ -246,35 +246,63 @@ def test_a_damaged_dataset_or_adapter_metadata_is_named_in_one_line(tmp_path, ca
     assert "safety_dpo.json' is damaged" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
-def test_the_cpu_thread_count_is_part_of_what_draws_an_evaluations_images(tmp_path):
+def test_an_evaluation_resumed_with_another_thread_count_draws_with_the_count_it_recorded(tmp_path, monkeypatch):
     import torch
 
     run_evaluation(tmp_path, **FAST)
     assert json.loads((tmp_path / "images" / "base" / "generation.json").read_text())["cpu_threads"] == 1
+    next(iter((tmp_path / "images" / "base").glob("*.png"))).unlink()  # one image lost: it is drawn again
+    seen = []
+    original = runner.draw_images
+    monkeypatch.setattr(
+        runner, "draw_images", lambda *a, **k: (seen.append(torch.get_num_threads()), original(*a, **k))
+    )
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)  # the pixels differ with the thread count: the images are not reused
+    torch.set_num_threads(2)  # the machine got busier or freer: the pixels would differ with another count
     try:
-        with pytest.raises(FileExistsError, match="cpu_threads: 1 there, 2 now"):
-            run_evaluation(tmp_path, **FAST)
+        run_evaluation(tmp_path, **FAST)
+        assert seen == [1] and torch.get_num_threads() == 2  # drawn with the folder's count, then put back
     finally:
         torch.set_num_threads(previous)
 
 
-def test_the_cli_runs_the_microworld_on_one_thread_unless_told_otherwise(monkeypatch):
+def test_the_cli_gives_the_microworld_the_free_cores_unless_told_otherwise(monkeypatch):
     import argparse
 
     import torch
 
-    from safety_dpo import cli
+    from safety_dpo import cli, threads
 
-    chosen = []
+    chosen = [2]  # torch's default on 2 cores
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: chosen[-1])
     monkeypatch.delenv("SAFETY_DPO_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda cores, window=0.3: 1.2)  # another job on a core
     cli._set_threads(argparse.Namespace(num_threads=None, model=None, command="align"))
+    assert chosen == [2, 1]
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda cores, window=0.3: 0.1)  # it has finished
+    threads.adapt_threads()  # the next stage of align
+    assert chosen == [2, 1, 2]
     cli._set_threads(argparse.Namespace(num_threads=None, model="org/sd", command="align"))  # real model: torch's
+    monkeypatch.setattr(threads, "busy_cores_of_others", lambda cores, window=0.3: 1.5)
+    threads.adapt_threads()  # adaptive mode is off for real models: nothing changes
     cli._set_threads(argparse.Namespace(num_threads=3, model="org/sd", command="align"))
-    monkeypatch.setenv("SAFETY_DPO_NUM_THREADS", "2")
+    monkeypatch.setenv("SAFETY_DPO_NUM_THREADS", "4")
     cli._set_threads(argparse.Namespace(num_threads=None, model=None, command="evaluate"))
-    assert chosen == [1, 3, 2]
+    assert chosen == [2, 1, 2, 3, 4]
     with pytest.raises(SystemExit, match="--num-threads must be at least 1"):
         cli._set_threads(argparse.Namespace(num_threads=0, model=None, command="evaluate"))
+    threads.disable_adaptive_threads()
+
+
+def test_busy_cores_of_others_sees_another_process_and_not_this_one():
+    from safety_dpo import threads
+
+    cores = sorted(threads.os.sched_getaffinity(0))
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        assert threads.busy_cores_of_others(cores, window=0.5) >= 0.5  # one spinning process: about one core
+    finally:
+        busy.kill()
+        busy.wait()

@@ -77,6 +77,11 @@ class ImageCache:
             return
         write_json(path, settings)
 
+    def recorded_settings(self) -> dict[str, Any]:
+        """The settings `claim` recorded, {} before the first claim."""
+        path = self.directory / GENERATION_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def settings_digest(self) -> str | None:
         """A digest of the settings that drew these images (None before `claim`): score caches are keyed by it, so
         that images drawn again with other settings are never scored from an earlier run's results."""

@@ -27,6 +27,7 @@ from safety_dpo.data.generation import check_sampler
 from safety_dpo.evaluation.cache import ImageCache, Job, digest
 from safety_dpo.evaluation.prompts import PromptSet, load_prompt_set
 from safety_dpo.folder_lock import FolderLock
+from safety_dpo.threads import adapt_threads
 
 logger = logging.getLogger(__name__)
 
@@ -155,13 +156,17 @@ def run_evaluation(
     with lock:
         pipeline = None
         for variant, adapter in variants.items():
+            adapt_threads()  # the microworld under the CLI: the cores other processes leave free (threads.py)
             cache = ImageCache(output_dir / "images", variant)
             settings = _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype)
             if adapter is not None:
                 settings["safety_adapter_sha256"] = adapter_digest
+            threads = None
             if torch.device(device or state.device).type == "cpu":
-                # On a CPU the thread count changes the pixels (the order of float sums), so it decides the images.
-                settings["cpu_threads"] = torch.get_num_threads()
+                # On a CPU the thread count changes the pixels (the order of float sums): a folder's images are all
+                # drawn with the count it recorded first, whatever the load when a run resumes.
+                threads = cache.recorded_settings().get("cpu_threads") or torch.get_num_threads()
+                settings["cpu_threads"] = threads
             if state.is_main_process:
                 cache.claim(settings)
             state.wait_for_everyone()
@@ -169,7 +174,8 @@ def run_evaluation(
             missing = [job for job in mine if not cache.has(job)]
             if missing:
                 pipeline = pipeline or _load_pipeline(model, torch_dtype, device or str(state.device))
-                draw_images(pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress)
+                with _torch_threads(threads):
+                    draw_images(pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress)
             state.wait_for_everyone()
         if pipeline is not None:
             del pipeline
@@ -209,6 +215,19 @@ def run_evaluation(
         }
         write_report(output_dir, results, jobs, list(variants))
     return results
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """Run with `threads` torch threads (None: as they are), then put the count back."""
+    previous = torch.get_num_threads()
+    if threads is not None and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def check_microworld_prompts(prompt_set: PromptSet) -> None:
