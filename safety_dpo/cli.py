@@ -696,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0
-    _set_threads(args)
+    previous_threads = _set_threads(args)
     from safety_dpo.data.writers import PromptWriterError
     from safety_dpo.folder_lock import FolderInUseError
 
@@ -713,11 +713,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if args.verbose or not kind else " (-v shows the traceback)"
         print(f"safety-dpo {args.command}: error: {kind}{error}{hint}", file=sys.stderr)
         return 2
+    finally:
+        _restore_threads(previous_threads)  # main() may be called in a process that goes on (tests, notebooks)
 
 
-def _set_threads(args: argparse.Namespace) -> None:
+def _set_threads(args: argparse.Namespace) -> int | None:
     """`--num-threads` / `$SAFETY_DPO_NUM_THREADS` when given; for the microworld, the cores other processes leave
-    free (1 or 2, chosen again at each stage: safety_dpo/threads.py); torch's default for real models."""
+    free (1 or 2, chosen again at each stage: safety_dpo/threads.py); torch's default for real models. Returns the
+    thread count to restore afterwards, None when nothing was changed."""
     import os
 
     from safety_dpo.threads import disable_adaptive_threads, enable_adaptive_threads
@@ -730,15 +733,29 @@ def _set_threads(args: argparse.Namespace) -> None:
         except ValueError:
             value = os.environ["SAFETY_DPO_NUM_THREADS"]
             raise SystemExit(f"SAFETY_DPO_NUM_THREADS must be an integer, got {value!r}.") from None
-    if threads is None:
-        if getattr(args, "model", None) is None and args.command not in ("env", "convert-q16", "merge"):
-            enable_adaptive_threads()
-        return
-    if threads < 1:
+    if threads is not None and threads < 1:
         raise SystemExit(f"--num-threads must be at least 1, got {threads}.")
+    microworld = getattr(args, "model", None) is None and args.command not in ("env", "convert-q16", "merge")
+    if threads is None and not microworld:
+        return None
     import torch
 
-    torch.set_num_threads(threads)
+    previous = torch.get_num_threads()
+    if threads is None:
+        enable_adaptive_threads()
+    else:
+        torch.set_num_threads(threads)
+    return previous
+
+
+def _restore_threads(previous: int | None) -> None:
+    from safety_dpo.threads import disable_adaptive_threads
+
+    disable_adaptive_threads()
+    if previous is not None:
+        import torch
+
+        torch.set_num_threads(previous)
 
 
 def _yaml_error() -> type[Exception]:

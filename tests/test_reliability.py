@@ -306,3 +306,19 @@ def test_busy_cores_of_others_sees_another_process_and_not_this_one():
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_the_cli_puts_the_thread_count_back_when_it_returns(tmp_path):
+    import torch
+
+    from safety_dpo import threads
+
+    before = torch.get_num_threads()
+    assert (
+        main(
+            ["--num-threads", "2", "generate", "a knife", "--output-dir", str(tmp_path), "--num-inference-steps", "1"]
+        )
+        == 0
+    )
+    assert main(["generate", "a cat", "--output-dir", str(tmp_path / "b"), "--num-inference-steps", "1"]) == 0
+    assert torch.get_num_threads() == before and not threads._adaptive  # nothing leaks into the calling process
