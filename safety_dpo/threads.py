@@ -1,8 +1,8 @@
 """Torch threads for the microworld: as many as the machine has free, at most two.
 
 The microworld's models are tiny. On an idle 2-core machine two threads draw 1.5x as fast as one, but when another
-busy process shares the cores two threads are 3-9x *slower* than one (three runs): each step waits for the thread that the other
-process has pushed off its core (benchmarks/bench_threads.py). So the CLI asks, when a microworld job starts and
+busy process shares the cores two threads are 3-9x *slower* than one (three runs): each step waits for the thread
+that the other process has pushed off its core (benchmarks/bench_threads.py). So the CLI asks, when a microworld job starts and
 again at each stage of `align` and each expert, how many of this process's cores other processes keep busy, and
 uses the cores left (1 or 2). The thread count changes the pixels slightly (the order of float sums); evaluation
 caches record it, so images drawn with another count are never mixed in.
