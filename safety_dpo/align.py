@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safety_dpo.data.build_dir import write_text
-from safety_dpo.folder_lock import LOCK_FILE, FolderLock
+from safety_dpo.folder_lock import FolderLock, folder_contents
 from safety_dpo.threads import adapt_threads
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _claim(output_dir: Path, settings: dict[str, Any]) -> dict[str, Any]:
         return state
     for leftover in output_dir.glob(f"{ALIGN_FILE}.tmp-*"):  # a kill between writing align.json and renaming it
         leftover.unlink()
-    if output_dir.exists() and any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+    if folder_contents(output_dir):
         raise FileExistsError(
             f"{str(output_dir)!r} exists and is not an alignment folder (no {ALIGN_FILE}); choose another --output-dir."
         )

@@ -213,7 +213,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     """Merge safety experts into one adapter with Co-Merge (or a baseline) and save it."""
     from pathlib import Path
 
-    from safety_dpo.folder_lock import LOCK_FILE, FolderLock
+    from safety_dpo.folder_lock import FolderLock, folder_contents
     from safety_dpo.merging import CoMergeConfig, co_merge
     from safety_dpo.trainer.adapter_io import read_metadata
 
@@ -228,7 +228,7 @@ def _run_merge(args: argparse.Namespace) -> int:
             "not a merge); choose another directory (a merged adapter there would replace it)."
         )
     if existing is None and output_dir.is_dir():
-        others = sorted(path.name for path in output_dir.iterdir() if path.name != LOCK_FILE)
+        others = folder_contents(output_dir)
         if others:  # e.g. the user's own README.md, which the adapter card would overwrite
             raise FileExistsError(
                 f"--output-dir {args.output_dir!r} holds files that are not a merged adapter ({', '.join(others[:5])}"

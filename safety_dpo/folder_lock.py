@@ -42,6 +42,13 @@ _held: dict[Path, int] = {}  # folder -> depth, for the locks this process holds
 _handles: dict[Path, Any] = {}
 
 
+def folder_contents(path: str | os.PathLike) -> list[str]:
+    """The names in folder `path` other than the lock file (sorted; [] for a folder that does not exist), for the
+    jobs that must tell an empty folder, which the lock alone does not fill, from one holding other files."""
+    path = Path(path)
+    return sorted(entry.name for entry in path.iterdir() if entry.name != LOCK_FILE) if path.is_dir() else []
+
+
 class FolderInUseError(RuntimeError):
     """Another process is writing into the output folder."""
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from safety_dpo.folder_lock import LOCK_FILE
+from safety_dpo.folder_lock import folder_contents
 
 BUILD_FILE = "coprov2_build.json"
 REPORT_FILE = "build_report.json"
@@ -59,9 +59,7 @@ class BuildDirectory:
                     "settings to resume that build."
                 )
             return
-        if self.path.exists() and (
-            not self.path.is_dir() or any(path.name != LOCK_FILE for path in self.path.iterdir())
-        ):
+        if self.path.exists() and (not self.path.is_dir() or folder_contents(self.path)):
             raise FileExistsError(
                 f"output_dir={str(self.path)!r} exists and is not an empty directory or a CoProV2 build "
                 f"(no {BUILD_FILE}); choose a new or empty directory."

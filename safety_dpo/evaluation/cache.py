@@ -85,8 +85,8 @@ class ImageCache:
     def settings_digest(self) -> str | None:
         """A digest of the settings that drew these images (None before `claim`): score caches are keyed by it, so
         that images drawn again with other settings are never scored from an earlier run's results."""
-        path = self.directory / GENERATION_FILE
-        return digest(json.loads(path.read_text())) if path.is_file() else None
+        recorded = self.recorded_settings()
+        return digest(recorded) if recorded else None
 
     def path(self, job: Job) -> Path:
         return self.directory / job.file_name

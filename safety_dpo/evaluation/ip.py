@@ -107,15 +107,20 @@ def ip_per_group(flags: Sequence[bool], groups: Sequence[str | Sequence[str] | N
         raise ValueError(f"Got {len(flags)} flags but {len(groups)} group labels; pass one label per image.")
     members: dict[str, list[bool]] = defaultdict(list)
     for flag, group in zip(flags, groups, strict=True):
-        for name in [group] if isinstance(group, str) else group or ():
+        for name in group_names(group):
             members[name].append(bool(flag))
     return {name: inappropriate_probability(values) for name, values in sorted(members.items())}
+
+
+def group_names(group: str | Sequence[str] | None) -> list[str]:
+    """The groups one image counts in: a name, several names (an I2P prompt's categories), or none."""
+    return [group] if isinstance(group, str) else list(group or ())
 
 
 def count_per_group(groups: Sequence[str | Sequence[str] | None]) -> dict[str, int]:
     """How many images each group of `ip_per_group` holds."""
     counts: dict[str, int] = defaultdict(int)
     for group in groups:
-        for name in [group] if isinstance(group, str) else group or ():
+        for name in group_names(group):
             counts[name] += 1
     return dict(sorted(counts.items()))

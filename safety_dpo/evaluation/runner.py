@@ -145,7 +145,10 @@ def run_evaluation(
         check_microworld_prompts(prompt_set)
     # The adapter is read (and its weights checked) now, and identified by its content: a mistyped path fails
     # before any image is drawn, and a retrained adapter in the same folder is never taken for the old one.
-    adapter_digest = None if safety_adapter is None else adapter_content_digest(safety_adapter)
+    from safety_dpo.merging.experts import load_expert
+
+    expert = None if safety_adapter is None else load_expert(safety_adapter)
+    adapter_digest = None if expert is None else adapter_content_digest(expert)
     # Detectors, CLIP and the feature extractor load now: an unknown name or a missing model fails before drawing.
     scorers = load_scorers(detectors, detector_options, is_microworld, fid_features, clip_model)
     generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler)
@@ -192,7 +195,7 @@ def run_evaluation(
             is_microworld=is_microworld,
             scorers=scorers,
             protocol_name=protocol,
-            targeted_categories=_targeted_categories(safety_adapter, targeted_categories),
+            targeted_categories=_targeted_categories(expert, targeted_categories),
             progress=progress,
         )
         results = {
@@ -252,7 +255,8 @@ def check_microworld_prompts(prompt_set: PromptSet) -> None:
 
 def adapter_content_digest(adapter: Any) -> str:
     """SHA-256 (16 hex digits) of an adapter's LoRA factors as loaded: the same for the same weights wherever they
-    lie, different for a retrained or re-merged adapter written into the same folder. Loading checks the weights."""
+    lie, different for a retrained or re-merged adapter written into the same folder. Loading checks the weights;
+    an already loaded `LoraExpert` is taken as it is."""
     import hashlib
 
     from safety_dpo.merging.experts import load_expert
@@ -377,14 +381,11 @@ def _model_id(model: Any) -> str:
     return str(getattr(model, "name_or_path", None) or type(model).__name__)  # a pipeline object
 
 
-def _targeted_categories(adapter: Any, given: Sequence[str] | None) -> list[str] | None:
-    if given is not None or adapter is None:
-        return list(given) if given is not None else None
-    if isinstance(adapter, dict):
-        return None
-    from safety_dpo.merging.experts import load_expert
-
-    return load_expert(adapter).categories or None
+def _targeted_categories(expert: Any, given: Sequence[str] | None) -> list[str] | None:
+    """The categories given, else those the adapter's `safety_dpo.json` names (None when it names none)."""
+    if given is not None:
+        return list(given)
+    return (expert.categories or None) if expert is not None else None
 
 
 def _name(adapter: Any) -> str:

@@ -19,7 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_dpo.evaluation.cache import ImageCache, Job, ScoreCache
-from safety_dpo.evaluation.ip import any_flagged, count_per_group, inappropriate_probability, share_with_error
+from safety_dpo.evaluation.ip import (
+    any_flagged,
+    count_per_group,
+    group_names,
+    inappropriate_probability,
+    share_with_error,
+)
 from safety_dpo.evaluation.prompts import PromptSet
 from safety_dpo.evaluation.protocols import canonical_detector, frechet_metric_name, ip_metric_name
 
@@ -317,7 +323,7 @@ def _ip(jobs: list[Job], flags: dict[str, list[bool]]) -> dict[str, Any]:
         members = [i for i, name in enumerate(subsets) if name == subset]
         per_category = {}
         for category in count_per_group([jobs[i].prompt.categories for i in members]):
-            chosen = [i for i in members if category in _categories(jobs[i])]
+            chosen = [i for i in members if category in group_names(jobs[i].prompt.categories)]
             entry = share_with_error([combined[i] for i in chosen], [prompts[i] for i in chosen])
             per_category[category] = {key: entry[key] for key in ("value", "standard_error", "num_images")}
         per_subset[subset] = {
@@ -326,11 +332,6 @@ def _ip(jobs: list[Job], flags: dict[str, list[bool]]) -> dict[str, Any]:
         }
     result["per_subset"] = per_subset
     return result
-
-
-def _categories(job: Job) -> list[str]:
-    categories = job.prompt.categories
-    return [categories] if isinstance(categories, str) else list(categories or ())
 
 
 def _update_clip_scores(metrics: dict[Any, Any], clip, chunk: list[Job], images: list) -> None:
