@@ -87,7 +87,7 @@ def align(
         model: A Stable Diffusion 1.x/2.x or SDXL pipeline (path or Hub id); None: the microworld.
         categories: Harm categories to remove; None: all of the taxonomy's.
         prompt_writer: "template" (the microworld's grammar), "transformers:MODEL_ID" or "openai:BASE_URL".
-        merge_method: `CoMergeConfig.method`: "co_merge" (default) or a baseline ("linear", "ties", ...). Co-Merge
+        merge_method: `CoMergeConfig.method`: "co_merge" (default) or a baseline ("cat", "ties", ...). Co-Merge
             uses `MICROWORLD_MERGE` (element-wise) in the microworld and `CoMergeConfig`'s defaults (row-wise) for a
             real model.
         pairs_per_concept: CoProV2 prompt pairs per concept.

@@ -127,18 +127,17 @@ def _add_build_data(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     """Train one safety expert, one per category, or one LoRA on several categories."""
-    from safety_dpo.align import MICROWORLD_TRAINING, given_training_flags
+    from safety_dpo.align import MICROWORLD_TRAINING
     from safety_dpo.trainer.experts import train_experts
 
-    settings = given_training_flags(args.extra)  # a bad flag fails here, before any work
+    settings = _config_settings(args)
     if args.model is None:
         # The embedded default gets the settings that work there, as `safety-dpo align` uses them; the paper's
         # SafetyDPOConfig defaults barely move the tiny checkpoint (docs/training.md). Flags still win.
         settings = {**MICROWORLD_TRAINING, **settings}
         shown = ", ".join(f"{key}={value}" for key, value in MICROWORLD_TRAINING.items())
         print(f"No --model: the microworld, with its training settings ({shown}) under your flags.")
-    max_steps = args.max_steps if args.max_steps is not None else settings.pop("max_steps", None)
-    settings.pop("max_steps", None)
+    max_steps = settings.pop("max_steps", None)
     trained = train_experts(
         dataset=args.dataset,
         output_dir=args.output_dir,
@@ -150,36 +149,44 @@ def _run_train(args: argparse.Namespace) -> int:
         **settings,
     )
     for directory in trained:
+        load = f"pipe.load_safety_adapter({str(directory)!r})"
         if directory in trained.reused:
             print(
                 f"Safety expert {directory} was already trained with these settings; nothing was trained (load it "
-                "with pipe.load_safety_adapter)."
+                f"with {load})."
             )
         else:
-            print(f"Safety expert written to {directory} (load it with pipe.load_safety_adapter).")
+            print(f"Safety expert written to {directory} (load it with {load}).")
     return 0
 
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
+        usage="safety-dpo train --dataset DATASET --output-dir OUTPUT_DIR [--category NAME | --categories A,B | "
+        "--all-categories] [--model MODEL] [training flags]",
         help="Train SafetyDPO safety experts (Diffusion-DPO LoRAs) on a CoProV2 dataset.",
         description="Train a LoRA safety expert with the Diffusion-DPO loss. --category NAME trains one expert; "
         "--categories a,b one LoRA on several categories; --all-categories one expert per category into "
         "OUTPUT_DIR/<category>/, one after another, resuming where a previous run stopped. Every SafetyDPOConfig "
-        "and TrainingArguments field is accepted as a flag (--learning_rate 1e-4, --beta 2500, "
-        "--per_device_train_batch_size 8, --bf16, ...). Without --model (the microworld) the defaults are the "
-        "microworld's training settings of `safety-dpo align` (MICROWORLD_TRAINING); with --model, SafetyDPOConfig's.",
+        "and TrainingArguments field is accepted as a flag (--learning-rate 1e-4, --beta 2500, "
+        "--per-device-train-batch-size 8, --bf16, ...; listed below). Without a category flag: one expert on every "
+        "pair of the dataset. Without --model (the microworld) the defaults are the microworld's training settings "
+        "of `safety-dpo align` (MICROWORLD_TRAINING); with --model, SafetyDPOConfig's.",
     )
-    parser.add_argument("--dataset", required=True, help="CoProV2 dataset: a build-data folder or a Hub id.")
-    which = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="CoProV2 dataset: a build-data folder or a Hub id; also the published CoProV2 / Pick-a-Pic layout "
+        "(jpg_0, jpg_1, label_0, caption).",
+    )
+    which = parser.add_mutually_exclusive_group()
     which.add_argument("--category", help="Train one expert on this category.")
     which.add_argument("--categories", type=_comma_list, help="Train one LoRA on these categories.")
     which.add_argument("--all-categories", action="store_true", help="Train one expert per category.")
     parser.add_argument("--output-dir", required=True, help="Where the expert(s) and checkpoints are written.")
     parser.add_argument("--model", help="Path or Hub id of an SD 1.x/2.x or SDXL pipeline (default: microworld).")
-    parser.add_argument("--max-steps", type=int, default=None, help="Optimizer steps per expert.")
-    parser.set_defaults(handler=_run_train, takes_config_flags=True)
+    parser.set_defaults(handler=_run_train, config_flags=_TRAIN_OWN)
 
 
 def _comma_floats(value: str) -> list[float]:
@@ -238,7 +245,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     with FolderLock(output_dir, "safety-dpo merge"):
         merged = co_merge(args.experts, config, pipeline=args.model)
         merged.save_pretrained(output_dir, repo_id=args.push_to_hub)
-    print(f"Merged adapter written to {args.output_dir} (load it with pipe.load_lora_weights).")
+    print(f"Merged adapter written to {args.output_dir} (load it with pipe.load_safety_adapter({args.output_dir!r})).")
     report = merged.report
     if "win_share" in report:
         print(
@@ -254,11 +261,11 @@ def _run_merge(args: argparse.Namespace) -> int:
 
 
 def _add_merge(subparsers: argparse._SubParsersAction) -> None:
-    from safety_dpo.merging.config import GRANULARITIES, INPUTS, METHODS, STORAGES
+    from safety_dpo.merging.config import GRANULARITIES, INPUTS, METHODS, RENAMED_METHODS, STORAGES
 
     parser = subparsers.add_parser(
         "merge",
-        help="Merge safety experts into one adapter with Co-Merge (or linear/TIES/DARE).",
+        help="Merge safety experts into one adapter with Co-Merge (or cat/TIES/DARE).",
         description="Merge safety experts (folders written by `safety-dpo train`, .safetensors files or Hub ids) into "
         "one LoRA. Co-Merge gives every weight to the expert most active on it over calibration generations of "
         "the model (the experts' base model, or the microworld when they name none); the baselines need no model. "
@@ -266,7 +273,12 @@ def _add_merge(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("experts", nargs="+", metavar="EXPERT", help="Expert folder, .safetensors file or Hub id.")
     parser.add_argument("--output-dir", required=True, help="Where the merged adapter is written.")
-    parser.add_argument("--method", choices=METHODS, help="co_merge (default) or a baseline.")
+    parser.add_argument(
+        "--method",
+        choices=[*METHODS, *RENAMED_METHODS],
+        help="co_merge (default) or a baseline; cat is the weighted sum of the deltas (peft's name; 'linear' is read "
+        "as cat).",
+    )
     parser.add_argument("--granularity", choices=GRANULARITIES, help="What competes in Co-Merge (default: row).")
     parser.add_argument("--inputs", choices=INPUTS, help="Calibration inputs of Co-Merge (default: shared).")
     parser.add_argument("--model", help="Path or Hub id of the experts' base pipeline (default: from the experts).")
@@ -609,7 +621,7 @@ def _run_align(args: argparse.Namespace) -> int:
         prompt_writer=args.prompt_writer,
         merge_method=args.merge_method,
         pairs_per_concept=args.pairs_per_concept,
-        training_flags=args.extra,
+        training=_config_settings(args),
         evaluation_prompts=args.evaluation_prompts,
         evaluation=evaluation,
         llm_model=args.llm_model,
@@ -626,12 +638,13 @@ def _run_align(args: argparse.Namespace) -> int:
 def _add_align(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "align",
+        usage="safety-dpo align [--output-dir OUTPUT_DIR] [--model MODEL] [--categories A,B] [options] [training flags]",
         help="The main job: build CoProV2, train one expert per category, merge them, evaluate (default: microworld).",
         description="Make a model safe in one command: build a CoProV2 dataset with the model, train one SafetyDPO "
         "expert per harm category, merge them with Co-Merge into one safety adapter, and evaluate base vs aligned. "
         "With no arguments: the microworld, all categories, output in ./safety-dpo-align. Every stage resumes where it "
         "stopped when the command is run again with the same arguments. SafetyDPOConfig / TrainingArguments fields "
-        "are accepted as flags for the experts (--learning_rate 1e-4, --max_steps 500, --bf16, ...).",
+        "are accepted as flags for the experts (--learning-rate 1e-4, --max-steps 500, --bf16, ...; listed below).",
     )
     parser.add_argument("--output-dir", default="safety-dpo-align", help="Where everything goes.")
     parser.add_argument("--model", help="Path or Hub id of an SD 1.x/2.x or SDXL pipeline (default: microworld).")
@@ -642,24 +655,61 @@ def _add_align(subparsers: argparse._SubParsersAction) -> None:
         help="template | transformers:MODEL_ID | openai:BASE_URL (default: template, the microworld's grammar).",
     )
     parser.add_argument("--llm-model", help="Model name to request from an openai:BASE_URL server.")
-    parser.add_argument("--merge-method", default="co_merge", help="co_merge (default), linear, ties, dare_ties, ...")
+    parser.add_argument("--merge-method", default="co_merge", help="co_merge (default), cat, ties, dare_ties, ...")
     parser.add_argument("--pairs-per-concept", type=int, default=10, help="CoProV2 pairs per concept (default 10).")
     parser.add_argument("--evaluation-prompts", help="Prompt source of the evaluation (default: microworld, or the "
                         "test split of the alignment's own CoProV2 build).")  # fmt: skip
     parser.add_argument("--images-per-prompt", type=int, help="Evaluation images per prompt.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data build and the merge (default 0).")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the merged adapter to this Hub repo.")
-    parser.set_defaults(handler=_run_align, takes_config_flags=True)
+    parser.set_defaults(handler=_run_align, config_flags=_ALIGN_OWN)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with every subcommand that exists."""
+_SUBCOMMANDS = (
+    _add_env,
+    _add_build_data,
+    _add_train,
+    _add_merge,
+    _add_generate,
+    _add_evaluate,
+    _add_convert_q16,
+    _add_align,
+)
+
+# The subcommands that take every SafetyDPOConfig field as a flag, and the fields they leave out because a flag of
+# their own has that name: train's --categories is a comma list like every other subcommand's; align's --seed seeds
+# the data build and the merge, and its --push-to-hub names the repo of the merged adapter.
+_TRAIN_OWN = ("output_dir", "categories")
+_ALIGN_OWN = ("output_dir", "categories", "seed", "push_to_hub")
+_CONFIG_FLAG_COMMANDS = {"train": _TRAIN_OWN, "align": _ALIGN_OWN}
+
+
+def build_parser(config_flags_for: str | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand that exists.
+
+    Every long flag is accepted in two spellings, `--output-dir` and `--output_dir`, as `HfArgumentParser` accepts
+    the config's fields; `--help` shows the dashed one.
+
+    Args:
+        config_flags_for: "train" or "align": also add that subcommand's SafetyDPOConfig / TrainingArguments flags
+            (listed by its --help). They are added only for the subcommand being run, because building them imports
+            transformers and torch, and `safety-dpo --help` should answer at once.
+    """
     parser = argparse.ArgumentParser(
         prog="safety-dpo",
         description="Safety-align text-to-image diffusion models with SafetyDPO (arXiv 2412.10493).",
+        epilog="Every flag of every command is also accepted with underscores (--output_dir, --learning_rate), as in "
+        "transformers' and trl's scripts. `safety-dpo COMMAND --help` lists a command's flags.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Log more: safety_dpo's debug messages and the other libraries' information (HTTP requests, ...); "
+        "errors with their traceback.",
+    )
     parser.add_argument(
         "--num-threads",
         type=int,
@@ -668,34 +718,82 @@ def build_parser() -> argparse.ArgumentParser:
         "uses; else torch's default).",
     )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
-    for add_subcommand in (
-        _add_env,
-        _add_build_data,
-        _add_train,
-        _add_merge,
-        _add_generate,
-        _add_evaluate,
-        _add_convert_q16,
-        _add_align,
-    ):
+    for add_subcommand in _SUBCOMMANDS:
         add_subcommand(subparsers)
+    _accept_both_spellings(parser)
+    for name, subparser in subparsers.choices.items():
+        subparser.allow_abbrev = False  # "--learning_rat" is a typo, not "--learning_rate"
+        _accept_both_spellings(subparser)
+        if name == config_flags_for and name in _CONFIG_FLAG_COMMANDS:
+            _add_config_flags(subparser, exclude=_CONFIG_FLAG_COMMANDS[name])
     return parser
+
+
+def _accept_both_spellings(parser: argparse.ArgumentParser) -> None:
+    """Accept `--name_with_underscores` for every `--name-with-dashes` flag (HfArgumentParser's rule), and show only
+    the dashed spelling in `--help` (the alias is registered for parsing, not listed among the action's options)."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            alias = "--" + option[2:].replace("-", "_")
+            if option.startswith("--") and alias != option and alias not in parser._option_string_actions:
+                parser._option_string_actions[alias] = action
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, exclude: Sequence[str]) -> None:
+    """Add every SafetyDPOConfig (and so TrainingArguments) field as a flag, the way `HfArgumentParser` builds them.
+
+    Their defaults are suppressed, so the handler sees only the flags given (`_config_settings`): those go over the
+    defaults of the run (the microworld's training settings, or SafetyDPOConfig's), which `--help` states.
+    """
+    import dataclasses
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from safety_dpo.trainer.config import SafetyDPOConfig
+
+    source = HfArgumentParser(SafetyDPOConfig, add_help=False)
+    inherited = {field.name for field in dataclasses.fields(TrainingArguments)}
+    own = parser.add_argument_group(
+        "SafetyDPO training flags (SafetyDPOConfig)",
+        "Those not given take the run's defaults: without --model the microworld's training settings "
+        "(safety_dpo.align.MICROWORLD_TRAINING), else SafetyDPOConfig's (shown). See docs/training.md.",
+    )
+    trainer = parser.add_argument_group("transformers.TrainingArguments flags (inherited by SafetyDPOConfig)")
+    dests = []
+    for action in source._actions:
+        if action.dest in exclude:
+            continue
+        if not isinstance(action, argparse._StoreFalseAction) and action.default is not None:
+            default = str(action.default).replace("%", "%%")
+            action.help = f"{action.help or ''} (SafetyDPOConfig default: {default})".strip()
+        action.default = argparse.SUPPRESS
+        (trainer if action.dest in inherited else own)._add_action(action)  # registers both spellings
+        dashed = [option for option in action.option_strings if "_" not in option]
+        action.option_strings = dashed or action.option_strings  # --help shows the dashed one, like ours
+        dests.append(action.dest)
+    parser.set_defaults(config_dests=tuple(dict.fromkeys(dests)))
+
+
+def _config_settings(args: argparse.Namespace) -> dict:
+    """The SafetyDPOConfig fields given as flags, and only those."""
+    return {dest: getattr(args, dest) for dest in getattr(args, "config_dests", ()) if hasattr(args, dest)}
+
+
+def _subcommand_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line, found without parsing it (which needs the subcommand's flags)."""
+    names = {"train", "align", "env", "build-data", "merge", "generate", "evaluate", "convert-q16"}
+    return next((token for token in argv if token in names), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `safety-dpo` console script."""
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "takes_config_flags", False):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.extra = extra
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(config_flags_for=_subcommand_in(argv))
+    args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0
+    previous_level = _configure_logging(args.verbose)
     previous_threads = _set_threads(args)
     from safety_dpo.data.writers import PromptWriterError
     from safety_dpo.folder_lock import FolderInUseError
@@ -715,6 +813,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         _restore_threads(previous_threads)  # main() may be called in a process that goes on (tests, notebooks)
+        logger.setLevel(previous_level)
+
+
+def _configure_logging(verbose: bool) -> int:
+    """safety_dpo's own messages at INFO (DEBUG with -v); other libraries' at WARNING (INFO with -v), so that the
+    Hub client's HTTP requests, say, are not printed by default. Returns safety_dpo's level to restore afterwards."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    previous = logger.level
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return previous
 
 
 def _set_threads(args: argparse.Namespace) -> int | None:

@@ -100,10 +100,76 @@ def test_train_all_categories_writes_one_expert_per_category_and_skips_finished_
     )
 
 
-def test_train_refuses_an_unknown_config_flag(tmp_path, capsys):
+def test_train_refuses_an_unknown_config_flag_rather_than_taking_it_for_an_abbreviation(tmp_path, capsys):
     command = ["train", "--dataset", str(tmp_path), "--category", "hate", "--output-dir", str(tmp_path / "x")]
-    assert main([*command, "--learning_rat", "1e-3"]) == 2
-    assert "Unknown training flags ['--learning_rat', '1e-3']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--learning_rat", "1e-3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --learning_rat 1e-3" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "align"])
+def test_help_lists_every_config_flag_in_the_dashed_style(command, capsys):
+    import dataclasses
+
+    from safety_dpo.trainer.config import SafetyDPOConfig
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    own = {"output_dir", "categories", "seed", "push_to_hub"}  # the subcommand's own flags of the same name
+    for field in dataclasses.fields(SafetyDPOConfig):
+        if field.init and field.name not in own:
+            assert f"--{field.name.replace('_', '-')}" in out, field.name
+    assert "--learning_rate" not in out and "--output_dir" not in out  # one style shown: dashes
+
+
+def test_every_flag_is_accepted_with_dashes_or_underscores():
+    for spelling in (
+        ["--output-dir", "d", "--learning-rate", "1e-4"],
+        ["--output_dir", "d", "--learning_rate", "1e-4"],
+    ):
+        args = build_parser("train").parse_args(["train", "--dataset", "x", *spelling, "--all_categories"])
+        assert (args.output_dir, args.learning_rate, args.all_categories) == ("d", 1e-4, True)
+    args = build_parser().parse_args(["evaluate", "--safety_adapter", "a", "--images_per_prompt", "2"])
+    assert (args.safety_adapter, args.images_per_prompt) == ("a", 2)
+
+
+def test_train_passes_only_the_config_flags_given(tmp_path, monkeypatch):
+    from safety_dpo.trainer import experts
+
+    seen = {}
+
+    def fake_train_experts(**kwargs):
+        seen.update(kwargs)
+        return experts.ExpertDirectories([])
+
+    monkeypatch.setattr(experts, "train_experts", fake_train_experts)
+    command = ["train", "--dataset", "d", "--output-dir", str(tmp_path), "--model", "m", "--beta", "1000", "--bf16"]
+    assert main([*command, "--max_steps", "3"]) == 0
+    assert seen["max_steps"] == 3 and seen["model"] == "m"
+    settings = {key: value for key, value in seen.items() if key not in ("dataset", "output_dir", "model")}
+    assert settings == {"category": None, "categories": None, "all_categories": False, "max_steps": 3,
+                        "beta": 1000.0, "bf16": True}  # fmt: skip
+
+
+def _cli(arguments: list[str], hub) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(hub.home), "HF_HUB_OFFLINE": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "safety_dpo.cli", *arguments], capture_output=True, text=True, env=env
+    )
+
+
+def test_other_libraries_log_quietly_unless_verbose(tmp_path, hub):
+    command = ["merge", "org/missing-expert", "--method", "linear", "--output-dir", str(tmp_path / "out")]
+    quiet = _cli(command, hub)
+    assert quiet.returncode == 2 and "org/missing-expert" in quiet.stderr
+    assert "HTTP Request" not in quiet.stderr  # the Hub client's requests are not printed by default
+    verbose = _cli(["-v", *command], hub)
+    assert verbose.returncode == 2 and "HTTP Request" in verbose.stderr
 
 
 def test_other_commands_refuse_unknown_flags(capsys):

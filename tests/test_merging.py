@@ -167,14 +167,14 @@ def test_naive_element_wise_co_merge_is_magnitude_selection():
         assert torch.equal(winners, deltas.abs().argmax(dim=0))
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+@pytest.mark.parametrize("method", ["cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
 def test_baseline_merge_equals_peft_merge_utils(method):
     generator = torch.Generator().manual_seed(2)
     deltas, weights = [torch.randn(5, 4, generator=generator) for _ in range(3)], torch.tensor([1.0, 0.5, 2.0])
     torch.manual_seed(3)  # DARE's random pruning draws from the global generator
     ours = functions.baseline_merge(method, deltas, weights, density=0.4, majority_sign_method="frequency")
     torch.manual_seed(3)
-    if method == "linear":
+    if method == "cat":
         theirs = merge_utils.task_arithmetic(deltas, weights)
     elif method in ("ties", "dare_ties"):
         theirs = getattr(merge_utils, method)(deltas, weights, 0.4, "frequency")
@@ -184,7 +184,7 @@ def test_baseline_merge_equals_peft_merge_utils(method):
 
 
 def test_baseline_merge_rejects_an_unknown_method_listing_the_known_ones():
-    with pytest.raises(ValueError, match="'fisher'.*linear, ties, dare_linear, dare_ties, magnitude_prune"):
+    with pytest.raises(ValueError, match="'fisher'.*cat, ties, dare_linear, dare_ties, magnitude_prune"):
         functions.baseline_merge("fisher", [torch.ones(2, 2)], torch.ones(1))
 
 
@@ -234,13 +234,22 @@ def test_co_merge_scales_each_expert_by_its_weight(pipe, experts):
     )
 
 
-def test_linear_merge_is_the_weighted_sum_of_the_deltas_stored_exactly(experts):
-    merged = co_merge(experts, CoMergeConfig(method="linear", weights=[1.0, 0.5]))
+def test_cat_merge_is_the_weighted_sum_of_the_deltas_stored_exactly(experts):
+    merged = co_merge(experts, CoMergeConfig(method="cat", weights=[1.0, 0.5]))
     first, second = (load_expert(path) for path in experts)
     assert merged.report["storage"] == "exact"
     for layer in first.layers:
         assert merged.layers[layer][1].shape[0] == 4
         torch.testing.assert_close(merged.delta(layer), first.delta(layer) + 0.5 * second.delta(layer))
+
+
+def test_linear_is_read_as_peft_cat_with_a_warning_that_says_what_differs(experts, caplog):
+    with caplog.at_level("WARNING", logger="safety_dpo.merging.config"):
+        config = CoMergeConfig(method="linear")
+    assert config.method == "cat" and "averages the A and B factors" in caplog.text
+    merged = co_merge(experts, config)
+    assert merged.config.method == "cat"
+    torch.testing.assert_close(merged_deltas(merged), merged_deltas(co_merge(experts, CoMergeConfig(method="cat"))))
 
 
 @pytest.mark.parametrize("inputs", ["shared", "own_category", "with_expert"])
@@ -786,7 +795,7 @@ def test_config_reads_the_merge_config_of_a_merged_adapter(tmp_path, row_merge):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("method", "fisher", "method='fisher'.*co_merge, linear, ties, dare_linear, dare_ties, magnitude_prune"),
+        ("method", "fisher", "method='fisher'.*co_merge, cat, ties, dare_linear, dare_ties, magnitude_prune"),
         ("granularity", "column", "granularity='column'.*row, element, lora_factor"),
         ("inputs", "test", "inputs='test'.*shared, own_category, with_expert"),
         ("storage", "zip", "storage='zip'.*auto, exact, svd"),

@@ -26,7 +26,7 @@ VARIANTS = {
     f"co_merge {granularity}, {inputs}": {"granularity": granularity, "inputs": inputs}
     for granularity in ("row", "element", "lora_factor")
     for inputs in ("shared", "own_category", "with_expert")
-} | {method: {"method": method} for method in ("linear", "ties", "dare_ties")}
+} | {method: {"method": method} for method in ("cat", "ties", "dare_ties")}
 
 
 def measure(pipe, categories: list[str]) -> dict:

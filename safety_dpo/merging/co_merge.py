@@ -132,11 +132,11 @@ class _LayerMerge:
 def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics) -> _LayerMerge:
     count = len(experts)
     even = [1.0 / count] * count
-    if config.method == "linear":
+    if config.method == "cat":
         if config.storage != "svd":
             return _LayerMerge(functions.concatenate_weighted(ups, downs, weights), None, even)
         deltas = [up @ down for up, down in zip(ups, downs, strict=True)]
-        return _LayerMerge(None, functions.baseline_merge("linear", deltas, torch.tensor(weights)), even)
+        return _LayerMerge(None, functions.baseline_merge("cat", deltas, torch.tensor(weights)), even)
     if config.method != "co_merge":
         deltas = [up @ down for up, down in zip(ups, downs, strict=True)]
         with torch.random.fork_rng(devices=[]):

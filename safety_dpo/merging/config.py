@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Method = Literal["co_merge", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
+logger = logging.getLogger(__name__)
+
+Method = Literal["co_merge", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 Granularity = Literal["row", "element", "lora_factor"]
 Inputs = Literal["shared", "own_category", "with_expert"]
 Storage = Literal["auto", "exact", "svd"]
 
-METHODS: tuple[str, ...] = ("co_merge", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHODS: tuple[str, ...] = ("co_merge", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# "linear" is still accepted for "cat": it was this method's name before peft's was adopted. peft's own
+# `add_weighted_adapter(combination_type="linear")` averages the A and the B factors separately, which is not the
+# weighted sum of the deltas; nothing here does that, so the old name is translated with a warning that says so.
+RENAMED_METHODS = {"linear": "cat"}
 GRANULARITIES: tuple[str, ...] = ("row", "element", "lora_factor")
 INPUTS: tuple[str, ...] = ("shared", "own_category", "with_expert")
 STORAGES: tuple[str, ...] = ("auto", "exact", "svd")
 # The merges whose result is exactly a LoRA (no SVD needed): row selection and a weighted sum are concatenations of
 # the experts' factors (rank = the sum of the ranks); factor-wise selection keeps the experts' rank.
-_EXACT: tuple[tuple[str, str | None], ...] = (("co_merge", "row"), ("co_merge", "lora_factor"), ("linear", None))
+_EXACT: tuple[tuple[str, str | None], ...] = (("co_merge", "row"), ("co_merge", "lora_factor"), ("cat", None))
 
 
 @dataclass
@@ -34,7 +41,10 @@ class CoMergeConfig:
 
     Parameters:
         method: "co_merge", or a baseline computed with `peft.utils.merge_utils` on the experts' delta weights:
-            "linear" (task arithmetic: the weighted sum), "ties", "dare_linear", "dare_ties", "magnitude_prune".
+            "cat" (task arithmetic: the weighted sum of the deltas, stored exactly by concatenating the factors, as
+            peft's `add_weighted_adapter(combination_type="cat")`), "ties", "dare_linear", "dare_ties",
+            "magnitude_prune" (on the deltas, as peft's "*_svd" combinations). "linear", this project's former name
+            for "cat", is accepted with a warning.
         granularity: What competes in Co-Merge. "row": each output row `(dW_e x)_i`; "element": each weight
             `|dW_e[i, j]| mean|x_j|`; "lora_factor": each entry of the experts' own factors A_e (`|A_e[k, j] x_j|`)
             and B_e (`|B_e[i, k] h_k|`, `h = A_e x`), allowed only for experts that record the same initial factors
@@ -50,13 +60,13 @@ class CoMergeConfig:
         calibration_batch_size: Prompts per calibration generation.
         guidance_scale: Classifier-free guidance of the calibration generations; None: the pipeline's default (for
             the microworld, its protocol's).
-        weights: One weight per expert (default 1.0 each), or "mean" (1/K each: "linear" is then the average of the
+        weights: One weight per expert (default 1.0 each), or "mean" (1/K each: "cat" is then the average of the
             deltas, not their K-times-stronger sum). A weight multiplies its expert's delta weight `B_e A_e`, as in
             peft's delta-level combinations (`add_weighted_adapter`'s "cat", "svd" and "*_svd"); Co-Merge scales
             each delta by it before merging, the baselines pass it to `peft.utils.merge_utils`.
         density: Share of weights kept by "ties", "dare_*" and "magnitude_prune".
         majority_sign_method: "total" or "frequency", for "ties" and "dare_ties".
-        storage: "exact" (a LoRA whose product is the merged delta: row-wise Co-Merge and "linear" at the sum of the
+        storage: "exact" (a LoRA whose product is the merged delta: row-wise Co-Merge and "cat" at the sum of the
             experts' ranks, "lora_factor" at their rank), "svd" (truncated SVD to `rank`, the relative error of every
             layer reported), or "auto" (exact where the merge allows it, otherwise SVD).
         rank: Rank of the SVD re-factorisation; None: the sum of the experts' ranks (at most the layer's size).
@@ -90,6 +100,15 @@ class CoMergeConfig:
     seed: int = field(default=0, metadata={"help": "Seed of calibration noise, prompt choice and DARE."})
 
     def __post_init__(self) -> None:
+        if self.method in RENAMED_METHODS:
+            logger.warning(
+                "CoMergeConfig: method=%r is read as %r, the weighted sum of the experts' delta weights (peft's "
+                "add_weighted_adapter combination_type='cat'); peft's 'linear', which averages the A and B factors "
+                "separately, is not offered.",
+                self.method,
+                RENAMED_METHODS[self.method],
+            )
+            self.method = RENAMED_METHODS[self.method]
         _check_choice("method", self.method, METHODS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("inputs", self.inputs, INPUTS)
@@ -115,7 +134,7 @@ class CoMergeConfig:
         if self.storage == "exact" and not self.allows_exact_storage:
             raise ValueError(
                 f"CoMergeConfig.storage='exact' is not possible for {self.describe()}: its result is not a low-rank "
-                "product of the experts' factors. Use storage='svd' or 'auto', or method='linear' or "
+                "product of the experts' factors. Use storage='svd' or 'auto', or method='cat' or "
                 "co_merge with granularity 'row' or 'lora_factor'."
             )
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-BASELINES: tuple[str, ...] = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+BASELINES: tuple[str, ...] = ("cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def element_activations(deltas: torch.Tensor, input_abs_means: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ def baseline_merge(
     """A baseline merge of delta weights with `peft.utils.merge_utils` (DARE draws from torch's global generator).
 
     Args:
-        method: "linear" (task arithmetic), "ties", "dare_linear", "dare_ties" or "magnitude_prune".
+        method: "cat" (task arithmetic: the weighted sum), "ties", "dare_linear", "dare_ties" or "magnitude_prune".
         deltas: K tensors (out, in).
         weights: (K,) one weight per expert.
         density: Share of weights kept by the pruning methods.
@@ -185,7 +185,7 @@ def baseline_merge(
     """
     from peft.utils import merge_utils
 
-    if method == "linear":
+    if method == "cat":
         return merge_utils.task_arithmetic(deltas, weights)
     if method in ("ties", "dare_ties"):
         return getattr(merge_utils, method)(deltas, weights, density, majority_sign_method)

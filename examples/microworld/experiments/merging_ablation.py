@@ -24,8 +24,8 @@ VARIANTS = {
     for granularity in ("row", "element", "lora_factor")
     for inputs in ("shared", "own_category", "with_expert")
 } | {
-    "linear": {"method": "linear"},  # the sum of the deltas: K times the strength of one expert
-    "linear mean": {"method": "linear", "weights": "mean"},  # their average, at one expert's strength
+    "linear": {"method": "cat"},  # the sum of the deltas: K times the strength of one expert
+    "linear mean": {"method": "cat", "weights": "mean"},  # their average, at one expert's strength
     "ties": {"method": "ties"},
     "dare_ties": {"method": "dare_ties"},
 }
