@@ -80,10 +80,39 @@ def render_model_card(
         ValueError: If `template` is neither a template name of the package nor an existing file.
     """
     metadata, variables = _split_card_fields(ModelCardData, card_data_and_vars)
+    variables.update(
+        _loading_code(
+            variables.pop("base_model_source", metadata.get("base_model")),
+            variables.pop("adapter_source", None) or variables.get("repo_id"),
+        )
+    )
     metadata = {"library_name": "diffusers", "pipeline_tag": "text-to-image", **metadata}
     metadata["tags"] = _merge_tags(_ADAPTER_TAGS, metadata.get("tags"))
     card_data = ModelCardData(**metadata, **(extra_metadata or {}))
     return ModelCard(_render_card_text(card_data, _read_template(template), variables))
+
+
+# Base models recorded by a name rather than a Hub id or a path, and how a card's code loads them.
+_NAMED_BASE_MODELS = {
+    "safety_dpo-microworld": ("from safety_dpo.microworld import checkpoint_path", "checkpoint_path()")
+}
+
+
+def _loading_code(base_model: Any, adapter: Any) -> dict[str, Any]:
+    """The Python of a card's "How to use": `base_import` (a line, or None), `base_code` and `adapter_code` (the
+    expressions that name the base model and the adapter: a Hub id, a local path, or how a named model is found),
+    None where the card's caller did not know them."""
+    base_import, base_code = None, None
+    if base_model in _NAMED_BASE_MODELS:
+        base_import, expression = _NAMED_BASE_MODELS[base_model]
+        base_code = _Rendered(expression)
+    elif base_model:
+        base_code = python_string(base_model)
+    return {
+        "base_import": _Rendered(base_import) if base_import else None,
+        "base_code": base_code,
+        "adapter_code": python_string(adapter) if adapter else None,
+    }
 
 
 def render_dataset_card(
@@ -278,6 +307,26 @@ def python_string(value: Any) -> str:
     return _Rendered(json.dumps(str(value)))
 
 
+def readable_setting(value: Any) -> str:
+    """A setting as a reader writes it, not as Python prints it: a mapping as `key: value, ...`, a list as
+    `a, b`, nested ones in parentheses."""
+
+    def nested(item: Any) -> str:
+        text = readable_setting(item)
+        return f"({text})" if isinstance(item, (Mapping, list, tuple)) and len(item) > 1 else text
+
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key}: {nested(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(nested(item) for item in value)
+    return str(value)
+
+
+def markdown_setting(value: Any) -> str:
+    """`readable_setting` of `value` in a code span: a card's settings tables."""
+    return markdown_code(readable_setting(value))
+
+
 def hub_url(repo_id: Any, repo_type: RepoType = "model") -> str:
     """The Hub page of `repo_id`, percent-encoded so that the URL cannot end a markdown link early."""
     prefix = "" if repo_type == "model" else f"{repo_type}s/"
@@ -297,14 +346,15 @@ def _finalize(value: Any) -> Any:
 
 def _card_environment() -> jinja2.Environment:
     """The Jinja environment of the card templates: `markdown_text` for every plain `{{ value }}`, and filters
-    for the places where a value needs another treatment: `code` (inside a code span), `prose` (caller-written
-    markdown), `pystr` (a Python string in a code block), `hub_url` (a link target) and `md_join` (a list)."""
+    for the places where a value needs another treatment: `code` (inside a code span), `setting` (a setting's value in
+    a code span, lists and mappings written out), `prose` (caller-written markdown), `pystr` (a Python string in a code block), `hub_url` (a link target) and `md_join` (a list)."""
     environment = jinja2.Environment(finalize=_finalize)
     environment.filters.update(
         md=markdown_text,
         md_join=markdown_join,
         prose=markdown_prose,
         code=markdown_code,
+        setting=markdown_setting,
         pystr=python_string,
         hub_url=hub_url,
     )

@@ -282,6 +282,46 @@ def test_dataset_card_renders_counts_rejections_and_columns():
         assert f"| `{column}` |" in card.text
 
 
+def test_cards_never_show_a_placeholder_for_what_is_known():
+    # a local base model and a local adapter folder: the card's code names them, not "<base-model-id>"
+    local = str(render_model_card(base_model_source="/models/my-sd", adapter_source="out/adapter"))
+    assert 'from_pretrained("/models/my-sd")' in local and 'load_safety_adapter("out/adapter")' in local
+    microworld = str(render_model_card(base_model_source="safety_dpo-microworld", repo_id="me/adapter"))
+    assert "from safety_dpo.microworld import checkpoint_path" in microworld
+    assert "from_pretrained(checkpoint_path())" in microworld and 'load_safety_adapter("me/adapter")' in microworld
+    unknown = str(render_model_card())  # nothing recorded: a sentence, not code with a placeholder
+    for text in (local, microworld, unknown):
+        assert "<base-model-id>" not in text and "<this-repo-id>" not in text
+    dataset = str(render_dataset_card(local_path="builds/coprov2"))
+    assert 'load_from_disk("builds/coprov2")["train"]' in dataset and "<this-repo-id>" not in dataset
+
+
+def test_card_settings_are_written_out_not_printed_as_python():
+    card = str(
+        render_model_card(training_config={"target_modules": ["to_k", "to_q"], "generation": {"steps": 2, "cfg": 4}})
+    )
+    assert "| `target_modules` | `to_k, to_q` |" in card and "| `generation` | `steps: 2, cfg: 4` |" in card
+    assert "['to_k'" not in card and "{'steps'" not in card
+
+
+def test_a_build_card_names_only_the_categories_that_were_built(tmp_path):
+    from safety_dpo.data.publish import render_build_card
+
+    report = {
+        "num_rows": 4, "num_pairs": 4, "split_rows": {"train": 2, "test": 2}, "rejections": {},
+        "category_counts": {"violence": 2, "sexual": 2, "hate": 0, "harassment": 0},
+        "concepts": {"violence": ["knife"], "sexual": ["nudity"], "hate": ["nazi"], "harassment": ["bully"]},
+        "generator_model": "tiny/sd", "prompt_writer": "template",
+        "settings": {"pairs_per_concept": 2, "images_per_prompt": 1, "seed": 0, "min_similarity": 0.5,
+                     "generation": {"num_inference_steps": 2, "guidance_scale": 4.0}},
+    }  # fmt: skip
+    text = str(render_build_card(report, local_path=tmp_path))
+    assert "harm categories violence, sexual." in text and "| violence | 2 | knife |" in text
+    assert "hate" not in text and "harassment" not in text and "nazi" not in text
+    assert "| `rows per split` | `train: 2, test: 2` |" in text
+    assert "| `generation: guidance_scale` | `4.0` |" in text
+
+
 def test_unknown_card_template_is_named_in_the_error():
     with pytest.raises(ValueError, match="'nope.md' is neither a template of safety_dpo.hub_cards"):
         render_model_card("nope.md")

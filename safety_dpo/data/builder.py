@@ -397,7 +397,7 @@ class CoProV2Builder:
         write_json(directory.path / REPORT_FILE, report)
         card = directory.path / "README.md"
         temporary = card.with_name(f"README.md.tmp-{os.getpid()}")
-        render_build_card(report, self.license).save(str(temporary))
+        render_build_card(report, self.license, local_path=directory.path).save(str(temporary))
         os.replace(temporary, card)
 
     def _report(self, rows, rejections, shortfall, timings) -> dict[str, Any]:

@@ -29,24 +29,33 @@ def read_report(output_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((directory.path / REPORT_FILE).read_text())
 
 
-def render_build_card(report: dict[str, Any], license: str | None = None, repo_id: str | None = None):
-    """The dataset card (`safety_dpo.hub_cards/coprov2_card.md`) of a build, from its report."""
+def render_build_card(
+    report: dict[str, Any],
+    license: str | None = None,
+    repo_id: str | None = None,
+    local_path: str | os.PathLike | None = None,
+):
+    """The dataset card (`safety_dpo.hub_cards/coprov2_card.md`) of a build, from its report: the categories that
+    were built (not the whole taxonomy's), and how to load it from `repo_id`, else from `local_path`."""
     from safety_dpo.hub import render_dataset_card
 
     settings = report["settings"]
+    built = {category: count for category, count in report["category_counts"].items() if count}
     return render_dataset_card(
         repo_id=repo_id,
+        local_path=str(local_path) if local_path is not None and repo_id is None else None,
         license=license,
         generator_model=report["generator_model"],
         prompt_writer=report["prompt_writer"],
         num_pairs=report["num_pairs"],
-        category_counts=report["category_counts"],
-        concepts=report["concepts"],
+        category_counts=built,
+        concepts={category: report["concepts"].get(category, []) for category in built},
         rejections=report["rejections"],
         build_config={
             "rows": report["num_rows"],
             "rows per split": report["split_rows"],
-            **{key: settings[key] for key in ("pairs_per_concept", "images_per_prompt", "seed", "generation")},
+            **{key: settings[key] for key in ("pairs_per_concept", "images_per_prompt", "seed")},
+            **{f"generation: {key}": value for key, value in (settings.get("generation") or {}).items()},
             "min_similarity": settings["min_similarity"],
         },
         size_categories=_size_category(report["num_rows"]),

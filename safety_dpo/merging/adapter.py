@@ -92,7 +92,7 @@ class MergedAdapter:
         os.replace(temporary, directory / LORA_WEIGHT_NAME)
         metadata = self.adapter_metadata()
         write_metadata(directory, metadata)
-        self._card(metadata, repo_id).save(str(directory / "README.md"))
+        self._card(metadata, repo_id, save_directory).save(str(directory / "README.md"))
         return directory
 
     def push_to_hub(
@@ -109,7 +109,7 @@ class MergedAdapter:
             self.save_pretrained(folder, repo_id=repo_id)
             return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
-    def _card(self, metadata: dict[str, Any], repo_id: str | None):
+    def _card(self, metadata: dict[str, Any], repo_id: str | None, directory: str | os.PathLike):
         from safety_dpo.hub import hub_id_or_none, markdown_code, render_model_card
 
         base_model = metadata.get("base_model")
@@ -119,6 +119,8 @@ class MergedAdapter:
         return render_model_card(
             repo_id=repo_id,
             base_model=base_model if on_hub else None,
+            base_model_source=base_model,
+            adapter_source=repo_id or str(directory),  # the Hub repo once pushed, else the folder it was saved to
             datasets=[dataset] if dataset else None,
             model_name="SafetyDPO merged safety adapter",
             description=f"Merged by {self.config.describe()} from {len(self.merged_from)} experts: {sources}."
