@@ -26,6 +26,9 @@ The microworld, on a CPU (the defaults of docs/training.md):
 
     python examples/train_safety_expert.py --dataset coprov2-micro --category violence --output_dir expert-violence
 
+With `--push_to_hub --hub_model_id org/name` the expert is uploaded once at the end (and at each checkpoint, unless
+`--hub_strategy end`): the weights, `safety_dpo.json` and the card; `--push_logs` adds the TensorBoard runs.
+
 Run it again with the same arguments to resume from the last checkpoint. `safety-dpo train --all-categories` trains
 one expert per category in a row.
 """
@@ -62,9 +65,10 @@ def main() -> None:
     trainer = SafetyDPOTrainer(model=model, args=config, train_dataset=load_pairs(script.dataset))
     resume = any(Path(config.output_dir).glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_model()
     if config.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub()  # saves the expert into output_dir and uploads it, in one commit
+    else:
+        trainer.save_model()
 
 
 if __name__ == "__main__":

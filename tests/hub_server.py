@@ -317,7 +317,8 @@ def configure_clients(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path
 
     Both libraries turn `HF_ENDPOINT` and `HF_HOME` into module constants at import, and `huggingface_hub` binds its
     module-level `HfApi` (behind `hf_hub_download`'s siblings `model_info`, `list_repo_files`, ...) and
-    `HfFileSystem` instances to the endpoint of that moment; all of those are patched here.
+    `HfFileSystem` instances to the endpoint of that moment, as transformers does its shared `HfApi`; all of those
+    are patched here.
 
     Args:
         monkeypatch: The test's monkeypatch, which undoes every change after the test.
@@ -364,6 +365,8 @@ def configure_clients(monkeypatch: pytest.MonkeyPatch, endpoint: str, home: Path
     # `HfFileSystem` instances are cached per endpoint with their listings; a later server may reuse a port.
     hf_file_system.HfFileSystem.clear_instance_cache()
     close_session()  # the pooled client was built under the previous proxy settings
+    if "transformers.utils.hub" in sys.modules:  # its shared HfApi (Trainer.init_hf_repo) keeps its first endpoint
+        monkeypatch.setattr(sys.modules["transformers.utils.hub"], "_hf_api", None, raising=False)
 
     if "datasets" in sys.modules:  # otherwise `datasets` reads the environment set above when it is imported
         _configure_datasets(monkeypatch, sys.modules["datasets"].config, endpoint, paths)

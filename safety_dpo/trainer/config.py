@@ -6,14 +6,27 @@ import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainingArguments
 
 from safety_dpo.trainer.losses import LOSS_TYPES
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
 PROMPT_CONDITIONS: tuple[str, ...] = ("unsafe", "safe", "both")
 PAPER_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+PUSHABLE_HUB_STRATEGIES: tuple[str, ...] = ("every_save", "end")  # the others push checkpoints, pickles included
+
+# What a `peft.LoraConfig` given to the trainer sets (as rank, alpha, target_modules, lora_dropout). Its other options
+# must keep peft's defaults: an expert is a plain LoRA that diffusers' loader, Co-Merge and safety_dpo.json describe.
+PEFT_LORA_FIELDS: tuple[str, ...] = ("r", "lora_alpha", "target_modules", "lora_dropout")
+# LoraConfig entries that describe the config rather than the LoRA (or that the trainer checks on its own).
+_PEFT_BOOKKEEPING = frozenset(
+    {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+     "inference_mode", "init_lora_weights"}
+)  # fmt: skip
 
 # The fields that do not change an expert's weights: where files go, what is logged and evaluated, and how fast the
 # same computation runs. Every other field is a training setting (`SafetyDPOConfig.training_settings`), which an expert
@@ -23,7 +36,8 @@ NON_TRAINING_FIELDS = frozenset(
     {
         # where files go and what is recorded of the run
         "output_dir", "dataset_name", "run_name", "project", "report_to", "disable_tqdm", "skip_memory_metrics",
-        "include_num_input_tokens_seen", "push_to_hub", "resume_from_checkpoint", "do_train", "do_eval", "do_predict",
+        "include_num_input_tokens_seen", "push_to_hub", "push_logs", "resume_from_checkpoint", "do_train", "do_eval",
+        "do_predict",
         # evaluation (the eval set is not part of the expert either)
         "per_device_eval_batch_size", "prediction_loss_only", "include_for_metrics", "batch_eval_metrics",
         "bf16_full_eval", "fp16_full_eval",
@@ -105,6 +119,21 @@ class SafetyDPOConfig(TrainingArguments):
         dataset_name (`str` or `None`, defaults to `None`):
             The dataset's Hub id or path, recorded in the expert's `safety_dpo.json` and card.
 
+        > Evaluation and publishing
+
+        eval_seed (`int`, defaults to `0`):
+            Seed of evaluation's noise, timesteps and latent samples, drawn per eval example from this seed and the
+            example's index: every evaluation of the same weights gives the same `eval_loss`, whatever the batch size,
+            so `load_best_model_at_end` and early stopping compare checkpoints, not noise. Independent of `seed`, so
+            runs with different training seeds are evaluated on the same draws.
+        push_logs (`bool`, defaults to `False`):
+            Also push the TensorBoard runs (`output_dir/runs/`) with the expert. A push holds the weights,
+            `safety_dpo.json` and the card only; never the optimizer, scheduler or RNG states (pickles), which stay
+            in the local checkpoints.
+
+    `hub_strategy` must be `"every_save"` or `"end"`: `"checkpoint"` and `"all_checkpoints"` would push the checkpoints'
+    optimizer, scheduler and RNG states, which are pickles.
+
     Numbers are checked: `max_steps` must be >= 1 (or -1, "train `num_train_epochs` epochs"); `learning_rate`, `beta`,
     `alpha` and `num_train_epochs` must be finite and > 0; batch sizes and `gradient_accumulation_steps` >= 1.
 
@@ -155,6 +184,13 @@ class SafetyDPOConfig(TrainingArguments):
     dataset_name: str | None = field(
         default=None, metadata={"help": "Hub id or path of the dataset, recorded in safety_dpo.json and the card."}
     )
+    eval_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of evaluation's noise and timesteps (per example: same weights, same loss)."},
+    )
+    push_logs: bool = field(
+        default=False, metadata={"help": "Also push the TensorBoard runs (output_dir/runs/) with the expert."}
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "Initial AdamW learning rate (a LoRA rate)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
     remove_unused_columns: bool = field(
@@ -195,6 +231,12 @@ class SafetyDPOConfig(TrainingArguments):
             raise ValueError("categories is empty; pass None to train on every row.")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: SafetyDPOTrainer reads its own columns.")
+        hub_strategy = getattr(self.hub_strategy, "value", self.hub_strategy)
+        if hub_strategy not in PUSHABLE_HUB_STRATEGIES:
+            raise ValueError(
+                f"hub_strategy={hub_strategy!r} is not supported; use one of {', '.join(PUSHABLE_HUB_STRATEGIES)}. "
+                "Checkpoints hold the optimizer, scheduler and RNG states as pickles; they stay local."
+            )
         if self.dataloader_pin_memory and not _has_accelerator():
             self.dataloader_pin_memory = False  # pinning is for host-to-GPU copies; on a CPU it only warns
         super().__post_init__()
@@ -239,6 +281,61 @@ class SafetyDPOConfig(TrainingArguments):
             if name not in NON_TRAINING_FIELDS and not name.startswith(NON_TRAINING_PREFIXES)
         }
         return json.loads(json.dumps(settings, default=str))
+
+
+def lora_fields_from_peft_config(peft_config: LoraConfig, args: SafetyDPOConfig) -> dict[str, Any]:
+    """The `SafetyDPOConfig` fields that a `peft.LoraConfig` given to the trainer sets, as trl's trainers take one.
+
+    The LoraConfig wins: its `r`, `lora_alpha`, `target_modules` and `lora_dropout` replace `rank`, `alpha`,
+    `target_modules` and `lora_dropout`, peft's defaults included (`LoraConfig(r=16)` has `lora_alpha=8`).
+    `target_modules=None` keeps `args.target_modules`, as peft's None means "the model's usual modules".
+
+    Args:
+        peft_config: The `peft_config` given to `SafetyDPOTrainer`.
+        args: The config it applies to.
+
+    Returns:
+        `{"rank": ..., "alpha": ..., "target_modules": [...], "lora_dropout": ...}`, for `dataclasses.replace(args, ...)`.
+
+    Raises:
+        TypeError: If `peft_config` is not a `peft.LoraConfig`.
+        ValueError: For a task type (the LoRA goes on a UNet, which has none), an initialisation other than gaussian,
+            target modules given as a pattern, or any other LoRA option changed from peft's default, naming it.
+    """
+    from peft import LoraConfig
+
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a peft.LoraConfig, got {type(peft_config).__name__}.")
+    if peft_config.task_type is not None:
+        raise ValueError(
+            f"peft_config.task_type={str(peft_config.task_type)!r} does not apply: the LoRA goes on the diffusion "
+            "UNet, which has no task type; leave task_type=None."
+        )
+    if peft_config.init_lora_weights not in (True, "gaussian"):
+        raise ValueError(
+            f"peft_config.init_lora_weights={peft_config.init_lora_weights!r} is not supported; use True or "
+            "'gaussian': an expert always starts as diffusers' scripts start a LoRA (gaussian A, zero B), so that the "
+            "reference is the UNet with its adapter off and experts started alike merge factor by factor."
+        )
+    defaults = LoraConfig().to_dict()
+    for name, value in peft_config.to_dict().items():
+        if name not in PEFT_LORA_FIELDS and name not in _PEFT_BOOKKEEPING and value != defaults.get(name):
+            raise ValueError(
+                f"peft_config.{name}={value!r} is not supported; leave it at peft's default ({defaults.get(name)!r}). "
+                f"SafetyDPOTrainer reads {', '.join(PEFT_LORA_FIELDS)} from a LoraConfig: an expert is a plain LoRA."
+            )
+    target_modules = peft_config.target_modules
+    if isinstance(target_modules, str):
+        raise ValueError(
+            f"peft_config.target_modules={target_modules!r} is a pattern; list the UNet modules instead, e.g. "
+            f"{PAPER_TARGET_MODULES}."
+        )
+    return {
+        "rank": peft_config.r,
+        "alpha": float(peft_config.lora_alpha),
+        "target_modules": sorted(target_modules) if target_modules is not None else list(args.target_modules),
+        "lora_dropout": peft_config.lora_dropout,
+    }
 
 
 def _has_accelerator() -> bool:

@@ -10,33 +10,56 @@ One step (compare diffusers' `examples/research_projects/diffusion_dpo/train_dif
 Every checkpoint and the finished expert record the settings that decided their weights (`training_settings.json`);
 `train(resume_from_checkpoint=True)` sets aside checkpoints that a killed run left incomplete and refuses to resume
 one trained with other settings.
+
+Evaluation draws its noise, timesteps and latent samples per eval example, from `eval_seed` and the example's index,
+and leaves the global random state as it found it. A push to the Hub holds `PUSHED_FILES` (and the TensorBoard runs
+with `push_logs`), never a pickle.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, set_seed
 
 from safety_dpo.trainer import adapter_io
 from safety_dpo.trainer.components import DPOUNet, encode_images, encode_prompts, load_components, sdxl_time_ids
-from safety_dpo.trainer.config import SafetyDPOConfig
-from safety_dpo.trainer.data import PairExamples, collate_examples, precompute, prepare_pairs, retain_prompts
+from safety_dpo.trainer.config import SafetyDPOConfig, lora_fields_from_peft_config
+from safety_dpo.trainer.data import (
+    PairExamples,
+    collate_examples,
+    effective_prompt_condition,
+    precompute,
+    prepare_pairs,
+    retain_prompts,
+)
+from safety_dpo.trainer.hub_push import ExpertPushMixin
 from safety_dpo.trainer.losses import diffusion_dpo_loss, per_sample_mse, reward_accuracy, safety_dpo_loss
+from safety_dpo.trainer.sampling import (
+    IndexedExamples,
+    example_generator,
+    global_random_state_kept,
+    randint,
+    randn_like,
+)
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 logger = logging.getLogger(__name__)
 
 INCOMPLETE_DIR = "_incomplete"  # starts with "_": Trainer.push_to_hub leaves it out
 
 
-class SafetyDPOTrainer(Trainer):
+class SafetyDPOTrainer(ExpertPushMixin, Trainer):
     """Train one safety expert: a LoRA on the UNet, preferring each pair's safe image over its unsafe one.
 
     Args:
@@ -46,6 +69,13 @@ class SafetyDPOTrainer(Trainer):
         eval_dataset: Optional pairs to evaluate the same loss and rewards on.
         callbacks: `transformers` callbacks.
         pipeline_kwargs: Passed to `DiffusionPipeline.from_pretrained` when `model` is a path or Hub id.
+        peft_config: A `peft.LoraConfig`, as trl's trainers take one. It wins over `args`: its `r`, `lora_alpha`,
+            `target_modules` and `lora_dropout` replace `args.rank`, `alpha`, `target_modules` and `lora_dropout`
+            (`target_modules=None` keeps `args.target_modules`), and they are what the expert records. Other LoRA
+            options are refused (see `config.lora_fields_from_peft_config`).
+
+    With `load_best_model_at_end`, training ends with the LoRA of the checkpoint with the best `metric_for_best_model`
+    (default `eval_loss`), and `save_model` and `push_to_hub` save that one.
 
     Logged metrics, in trl's naming: `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
     `rewards/accuracies`, `mse/policy_chosen`, `mse/policy_rejected`, `mse/reference_chosen`,
@@ -60,13 +90,19 @@ class SafetyDPOTrainer(Trainer):
         eval_dataset=None,
         callbacks: list | None = None,
         pipeline_kwargs: dict[str, Any] | None = None,
+        peft_config: LoraConfig | None = None,
     ) -> None:
         if args is None:
             args = SafetyDPOConfig(output_dir="safety-expert")
         if not isinstance(args, SafetyDPOConfig):
             raise TypeError(f"args must be a SafetyDPOConfig, got {type(args).__name__}.")
+        if peft_config is not None:  # a copy: the caller's config stays as it was
+            args = dataclasses.replace(args, **lora_fields_from_peft_config(peft_config, args))
         if train_dataset is None:
             raise ValueError("train_dataset is required: a CoProV2-style dataset (see safety_dpo.data).")
+        condition = effective_prompt_condition(train_dataset, args.prompt_condition)  # what the columns allow
+        if condition != args.prompt_condition:  # a copy again, recording the condition really trained with
+            args = dataclasses.replace(args, prompt_condition=condition)
         set_seed(args.seed)  # the LoRA's initial weights are drawn before Trainer.__init__ seeds anything
         self.components = load_components(model, **(pipeline_kwargs or {}))
         self.resolution = args.resolution or self.components.native_resolution
@@ -80,10 +116,11 @@ class SafetyDPOTrainer(Trainer):
             module.to(device)
         self.components.unet.to(device)
         train_examples = self._examples(train_pairs, args, "train")
-        eval_examples = self._examples(eval_pairs, args, "eval") if eval_pairs is not None else None
+        eval_examples = IndexedExamples(self._examples(eval_pairs, args, "eval")) if eval_pairs is not None else None
         self.empty_prompt = {key: value[0] for key, value in encode_prompts(self.components, [""]).items()}
         self.preservation_conditioning = self._preservation_conditioning(args, train_dataset)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.best_model_loaded = False  # set by _load_best_model: the LoRA is that of state.best_global_step
         super().__init__(
             model=DPOUNet(self.components.unet),
             args=args,
@@ -144,11 +181,12 @@ class SafetyDPOTrainer(Trainer):
     # -------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        chosen, rejected, conditioning = self._latents_and_conditioning(inputs)
+        generators = None if model.training else self._eval_generators(inputs)
+        chosen, rejected, conditioning = self._latents_and_conditioning(inputs, generators)
         batch = chosen.shape[0]
         scheduler = self.components.noise_scheduler
-        noise = torch.randn_like(chosen)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=chosen.device)
+        noise = randn_like(chosen, generators)
+        timesteps = randint(scheduler.config.num_train_timesteps, chosen, generators)
         latents = torch.cat([chosen, rejected])  # (2B, C, h, w): both images of a pair share noise and timestep
         noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -206,18 +244,26 @@ class SafetyDPOTrainer(Trainer):
         chosen = torch.randint(0, len(bank["prompt_embeds"]), (batch,))
         return {key: value[chosen].to(device) for key, value in bank.items()}
 
-    def _latents_and_conditioning(self, inputs: dict[str, Any]):
+    def _eval_generators(self, inputs: dict[str, Any]) -> list[torch.Generator] | None:
+        """One generator per eval example, seeded by `eval_seed` and the example's index (None without an index: an
+        eval set given to `evaluate` unindexed is indexed there, so only a direct `compute_loss` call lacks one)."""
+        if "example_index" not in inputs:
+            return None
+        return [example_generator(self.args.eval_seed, int(index)) for index in inputs["example_index"].tolist()]
+
+    def _latents_and_conditioning(self, inputs: dict[str, Any], generators: list[torch.Generator] | None = None):
         device = self.args.device
         if "chosen_mean" in inputs:  # precomputed
-            chosen = inputs["chosen_mean"] + inputs["chosen_std"] * torch.randn_like(inputs["chosen_std"])
-            rejected = inputs["rejected_mean"] + inputs["rejected_std"] * torch.randn_like(inputs["rejected_std"])
+            chosen_mean, chosen_std = inputs["chosen_mean"], inputs["chosen_std"]
+            rejected_mean, rejected_std = inputs["rejected_mean"], inputs["rejected_std"]
             conditioning = {key: inputs[key] for key in ("prompt_embeds", "pooled_prompt_embeds") if key in inputs}
         else:
             chosen_mean, chosen_std = encode_images(self.components.vae, inputs["pixels_chosen"])
             rejected_mean, rejected_std = encode_images(self.components.vae, inputs["pixels_rejected"])
-            chosen = chosen_mean + chosen_std * torch.randn_like(chosen_std)
-            rejected = rejected_mean + rejected_std * torch.randn_like(rejected_std)
             conditioning = encode_prompts(self.components, inputs["prompt"])
+        # One sample of each VAE posterior; in evaluation from the example's own generator, chosen first
+        chosen = chosen_mean + chosen_std * randn_like(chosen_std, generators)
+        rejected = rejected_mean + rejected_std * randn_like(rejected_std, generators)
         conditioning = {key: value.to(device).float() for key, value in conditioning.items()}
         if self.args.empty_prompt_probability > 0 and self.model.training:
             dropped = torch.rand(chosen.shape[0], device=device) < self.args.empty_prompt_probability
@@ -242,6 +288,15 @@ class SafetyDPOTrainer(Trainer):
             chosen_mse, rejected_mse = values.detach().chunk(2)
             metrics[f"mse/{name}_chosen"].append(gather(chosen_mse).mean().item())
             metrics[f"mse/{name}_rejected"].append(gather(rejected_mse).mean().item())
+
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
+        """`Trainer.evaluate` on fixed draws: every eval example gets its noise, timestep and latent samples from
+        `eval_seed` and its index, so the same weights give the same `eval_loss`, whatever the batch size. The global
+        random state (Python, NumPy, torch) is left as it was, so a run with evaluations trains as one without."""
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, IndexedExamples)):
+            eval_dataset = IndexedExamples(eval_dataset)
+        with global_random_state_kept():
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         with torch.no_grad():
@@ -273,6 +328,15 @@ class SafetyDPOTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         adapter_io.load_lora_into_unet(self.components.unet, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """Load the best checkpoint's LoRA (`Trainer` looks for transformers' or peft's weight files, which an expert
+        does not write)."""
+        checkpoint = self.state.best_model_checkpoint
+        logger.info("Loading the best LoRA, from %s (%s %s).", checkpoint, self.args.metric_for_best_model,
+                    self.state.best_metric)  # fmt: skip
+        adapter_io.load_lora_into_unet(self.components.unet, checkpoint)
+        self.best_model_loaded = True
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """`Trainer.train`, resuming only what is whole and was trained with these settings.
@@ -350,13 +414,24 @@ class SafetyDPOTrainer(Trainer):
                 "preservation_weight": args.preservation_weight,
                 "preservation_prompts": _describe_prompts(args.preservation_prompts),
                 "learning_rate": args.learning_rate,
-                "steps": self.state.global_step,
+                "steps": self.state.best_global_step if self.best_model_loaded else self.state.global_step,
                 "per_device_train_batch_size": args.per_device_train_batch_size,
                 "gradient_accumulation_steps": args.gradient_accumulation_steps,
                 "resolution": self.resolution,
                 "seed": args.seed,
                 "precompute": args.precompute,
+                **self._best_model_record(),
             },
+        }
+
+    def _best_model_record(self) -> dict[str, Any]:
+        """What `safety_dpo.json` says of a best model loaded at the end (nothing otherwise)."""
+        if not self.best_model_loaded:
+            return {}
+        return {
+            "steps_trained": self.state.global_step,
+            "metric_for_best_model": self.args.metric_for_best_model,
+            "best_metric": self.state.best_metric,
         }
 
     def create_model_card(self, model_name: str | None = None, **kwargs: Any) -> None:
