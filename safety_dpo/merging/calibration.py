@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +220,44 @@ def collect_statistics(
     finally:
         pipeline._progress_bar_config = previous_bar
     return recorder.means()
+
+
+def calibration_dataset_prompts(
+    pairs, categories: Iterable[str] | None, dataset_name: str
+) -> dict[str | None, list[str]]:
+    """The unsafe prompts of a calibration dataset, by category.
+
+    They come from `unsafe_prompt`, else from `caption`: CoProV2 as published, in Pick-a-Pic's layout, holds its
+    unsafe prompt there. A dataset without a `category` column cannot be split by category, so all its prompts are
+    returned, under the key None, whatever `categories` says.
+
+    Args:
+        pairs: A `datasets.Dataset` (a CoProV2 train split).
+        categories: Keep the prompts of these categories; None or empty: every prompt.
+        dataset_name: How to name the dataset in errors.
+
+    Raises:
+        ValueError: If the dataset has neither prompt column, or no prompt of `categories`.
+    """
+    columns = pairs.column_names
+    column = next((name for name in ("unsafe_prompt", "caption") if name in columns), None)
+    if column is None:
+        raise ValueError(
+            f"Calibration dataset {dataset_name!r} has no 'unsafe_prompt' or 'caption' column (columns: {columns}); "
+            "pass a CoProV2 build, or a dataset in Pick-a-Pic's layout whose caption is the unsafe prompt."
+        )
+    if "category" not in columns:
+        return {None: list(pairs[column])}
+    wanted = set(categories or ())
+    by_category: dict[str | None, list[str]] = {}
+    for category, prompt in zip(pairs["category"], pairs[column], strict=True):
+        if not wanted or category in wanted:
+            by_category.setdefault(category, []).append(prompt)
+    if not by_category:
+        raise ValueError(
+            f"Calibration dataset {dataset_name!r} has no prompts of the experts' categories {sorted(wanted)}."
+        )
+    return by_category
 
 
 def choose_prompts(prompts_by_category: dict[str, list[str]], per_category: int, seed: int) -> dict[str, list[str]]:

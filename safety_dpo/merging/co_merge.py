@@ -12,7 +12,12 @@ import torch
 
 from safety_dpo.merging import functions
 from safety_dpo.merging.adapter import MergedAdapter
-from safety_dpo.merging.calibration import calibration_groups, choose_prompts, collect_statistics
+from safety_dpo.merging.calibration import (
+    calibration_dataset_prompts,
+    calibration_groups,
+    choose_prompts,
+    collect_statistics,
+)
 from safety_dpo.merging.config import CoMergeConfig
 from safety_dpo.merging.experts import LoraExpert, check_shared_initialisation, load_experts
 
@@ -209,21 +214,13 @@ def _calibration_prompts(experts: list[LoraExpert], config: CoMergeConfig) -> di
     from safety_dpo.trainer.experts import load_pairs
 
     pairs = load_pairs(dataset, split="train")
-    if "unsafe_prompt" not in pairs.column_names:
-        raise ValueError(
-            f"Calibration dataset {str(dataset)!r} has no 'unsafe_prompt' column (columns: {pairs.column_names}); "
-            "pass a CoProV2 build."
-        )
-    categories = pairs["category"] if "category" in pairs.column_names else [None] * len(pairs)
-    wanted = {category for expert in experts for category in expert.categories}
-    by_category: dict[str, list[str]] = {}
-    for category, prompt in zip(categories, pairs["unsafe_prompt"], strict=True):
-        if not wanted or category in wanted:
-            by_category.setdefault(category, []).append(prompt)
-    if not by_category:
-        raise ValueError(
-            f"Calibration dataset {str(dataset)!r} has no prompts of the experts' categories {sorted(wanted)}."
-        )
+    # An expert that records no category was trained on every pair of its dataset: it calibrates on every prompt.
+    wanted = (
+        None
+        if any(not expert.categories for expert in experts)
+        else {category for expert in experts for category in expert.categories}
+    )
+    by_category = calibration_dataset_prompts(pairs, wanted, str(dataset))
     return choose_prompts(by_category, config.num_calibration_prompts, config.seed)
 
 

@@ -8,6 +8,7 @@ two examples, one per prompt.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -17,36 +18,88 @@ import numpy as np
 import torch
 from PIL import Image
 
+from safety_dpo.data.pickapic import IMAGE_COLUMNS, image_bytes, orient_pairs
 from safety_dpo.trainer.components import DiffusionComponents, encode_images, encode_prompts
+from safety_dpo.trainer.config import PROMPT_CONDITIONS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 PRECOMPUTED_DIR = "_precomputed"  # starts with "_": Trainer.push_to_hub leaves it out
+
+
+def effective_prompt_condition(dataset_or_columns: Any, requested: str) -> str:
+    """The `prompt_condition` the dataset's columns allow: `requested` when they have its prompts, else the one
+    they do have, with a logged warning. A dataset in Pick-a-Pic's layout (CoProV2 as published) has only `caption`,
+    its unsafe prompt, so "both" and "safe" fall back to "unsafe".
+
+    Args:
+        dataset_or_columns: A `datasets.Dataset`, or its column names.
+        requested: "unsafe", "safe" or "both" (`SafetyDPOConfig.prompt_condition`).
+
+    Returns:
+        "unsafe", "safe" or "both".
+
+    Raises:
+        ValueError: Naming the flag and the columns found, if the dataset has no prompt column at all, or if
+            `requested` is not a prompt condition.
+    """
+    columns = sorted(getattr(dataset_or_columns, "column_names", dataset_or_columns))
+    if requested not in PROMPT_CONDITIONS:
+        raise ValueError(
+            f"prompt_condition={requested!r} is not supported; use one of {', '.join(PROMPT_CONDITIONS)}."
+        )
+    has_unsafe = "unsafe_prompt" in columns or "caption" in columns
+    has_safe = "safe_prompt" in columns
+    if not has_unsafe and not has_safe:
+        raise ValueError(
+            f"prompt_condition={requested!r}: the training dataset has no prompt column; it has {columns}. Give it "
+            "unsafe_prompt or caption (the unsafe prompt, as CoProV2 and Pick-a-Pic have it), or safe_prompt."
+        )
+    if not has_unsafe:
+        if requested != "safe":
+            logger.warning(
+                "prompt_condition=%r needs the unsafe prompts, but the training dataset has no unsafe_prompt or "
+                "caption column (it has %s); training with prompt_condition='safe' on its safe_prompt column.",
+                requested,
+                columns,
+            )
+        return "safe"
+    if requested != "unsafe" and not has_safe:
+        logger.warning(
+            "prompt_condition=%r needs the safe prompts, but the training dataset has no safe_prompt column (it has "
+            "%s, as CoProV2 and Pick-a-Pic are published); training with prompt_condition='unsafe' on its %s column.",
+            requested,
+            columns,
+            "unsafe_prompt" if "unsafe_prompt" in columns else "caption",
+        )
+        return "unsafe"
+    return requested
 
 
 def prepare_pairs(dataset, categories: list[str] | None, prompt_condition: str):
     """Check the columns, keep the rows of `categories`, and orient every pair so that `jpg_0` is preferred.
 
     Pick-a-Pic's `label_0` says which image is preferred: 1 keeps the order, 0 swaps the images, 0.5 (a tie) drops
-    the row. Unsafe prompts come from `unsafe_prompt`, else `caption`; safe prompts from `safe_prompt`.
+    the row (`safety_dpo.data.pickapic.orient_pairs`). Unsafe prompts come from `unsafe_prompt`, else `caption`;
+    safe prompts from `safe_prompt`. `prompt_condition` is the effective one (`effective_prompt_condition`).
 
     Raises:
         ValueError: Naming the missing columns, or the categories absent from the dataset (listing those present).
     """
     columns = set(dataset.column_names)
-    required = {*IMAGE_COLUMNS}
-    if prompt_condition in ("safe", "both"):
-        required.add("safe_prompt")
-    if categories is not None:
-        required.add("category")
-    missing = sorted(required - columns)
+    missing = sorted({*IMAGE_COLUMNS} - columns)
+    if prompt_condition in ("safe", "both") and "safe_prompt" not in columns:
+        missing.append("safe_prompt")
+    if categories is not None and "category" not in columns:
+        missing.append("category")
     if "unsafe_prompt" not in columns and "caption" not in columns and prompt_condition in ("unsafe", "both"):
         missing.append("unsafe_prompt (or caption)")
     if missing:
         raise ValueError(
             f"The training dataset lacks the columns {missing}; it has {sorted(columns)}. SafetyDPOTrainer reads "
-            "CoProV2's columns: jpg_0 (preferred image), jpg_1, unsafe_prompt or caption, safe_prompt, category."
+            "CoProV2's columns: jpg_0 (preferred image), jpg_1, unsafe_prompt or caption, safe_prompt, category. "
+            f"prompt_condition={prompt_condition!r} decides the prompt columns (a dataset without safe_prompt trains "
+            "with 'unsafe'); categories needs the category column (None trains on every pair)."
         )
     if categories is not None:
         present = sorted(set(dataset["category"]))
@@ -54,24 +107,10 @@ def prepare_pairs(dataset, categories: list[str] | None, prompt_condition: str):
         if absent:
             raise ValueError(f"Categories {absent} have no rows in the training dataset; it has {present}.")
         dataset = dataset.filter(lambda category: category in categories, input_columns="category")
-    if "label_0" in columns:
-        labels = np.asarray(dataset["label_0"], dtype=float)
-        ties = np.flatnonzero(labels == 0.5)
-        if len(ties):
-            logger.info("Dropping %d tied pairs (label_0 = 0.5).", len(ties))
-            dataset = dataset.select(np.flatnonzero(labels != 0.5))
-            labels = labels[labels != 0.5]
-        if (labels == 0).any():
-            dataset = dataset.map(_swap_if_rejected_first, with_indices=False)
+    dataset = orient_pairs(dataset)
     if len(dataset) == 0:
         raise ValueError("No training pair is left after choosing the categories and dropping ties.")
     return dataset
-
-
-def _swap_if_rejected_first(row: dict) -> dict:
-    if row["label_0"] == 0:
-        row["jpg_0"], row["jpg_1"], row["label_0"] = row["jpg_1"], row["jpg_0"], 1.0
-    return row
 
 
 def unsafe_prompts(dataset) -> list[str]:
@@ -100,18 +139,30 @@ def retain_prompts(dataset, categories: list[str] | None) -> list[str]:
     return sorted(prompts)
 
 
-def image_to_pixels(image: Any, resolution: int, row: int) -> torch.Tensor:
-    """An image (PIL, or bytes/path dict) as a (3, R, R) tensor in [-1, 1]: shorter side resized, centre-cropped.
+def image_to_pixels(image: Any, resolution: int, row: int, column: str = "image") -> torch.Tensor:
+    """An image as a (3, R, R) tensor in [-1, 1]: shorter side resized, centre-cropped.
+
+    Args:
+        image: A PIL image (`datasets.Image`), the bytes of a PNG/JPEG file (`datasets.Value("binary")`, as
+            Pick-a-Pic stores them) or a `{"bytes", "path"}` dict (`datasets.Image(decode=False)`).
+        resolution: R.
+        row: The row, for errors.
+        column: The column, for errors.
 
     Raises:
+        TypeError: Naming the row, the column and the accepted values, for a value that is no image at all.
         ValueError: Naming the row, when the image cannot be decoded.
     """
     try:
-        if isinstance(image, dict):
-            image = Image.open(image["path"] if image.get("bytes") is None else _bytes_io(image["bytes"]))
+        if not isinstance(image, Image.Image):
+            image = Image.open(io.BytesIO(image_bytes(image, column, row)))
         image = image.convert("RGB")
+    except TypeError:
+        raise  # not an image value: image_bytes named it and the accepted ones, which "cannot be decoded" would hide
     except Exception as error:  # PIL raises several types for broken data
-        raise ValueError(f"Row {row}: the image cannot be decoded ({type(error).__name__}: {error}).") from error
+        raise ValueError(
+            f"Row {row}: the image cannot be decoded ({column}, {type(error).__name__}: {error})."
+        ) from error
     if image.size != (resolution, resolution):
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
@@ -120,12 +171,6 @@ def image_to_pixels(image: Any, resolution: int, row: int) -> torch.Tensor:
         image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def _bytes_io(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 class PairExamples(torch.utils.data.Dataset):
@@ -161,8 +206,8 @@ class PairExamples(torch.utils.data.Dataset):
         row = self.pairs[pair]
         prompt = (self.unsafe if condition_name == "unsafe" else self.safe)[pair]
         return {
-            "pixels_chosen": image_to_pixels(row["jpg_0"], self.resolution, pair),
-            "pixels_rejected": image_to_pixels(row["jpg_1"], self.resolution, pair),
+            "pixels_chosen": image_to_pixels(row["jpg_0"], self.resolution, pair, "jpg_0"),
+            "pixels_rejected": image_to_pixels(row["jpg_1"], self.resolution, pair, "jpg_1"),
             "prompt": prompt,
         }
 
@@ -201,7 +246,7 @@ def precompute(
         indices = range(start, start + len(rows["jpg_0"]))
         for side, column in (("chosen", "jpg_0"), ("rejected", "jpg_1")):
             images = zip(rows[column], indices, strict=True)
-            pixels = torch.stack([image_to_pixels(image, resolution, index) for image, index in images])
+            pixels = torch.stack([image_to_pixels(image, resolution, index, column) for image, index in images])
             mean, std = encode_images(components.vae, pixels)
             parts.setdefault(f"{side}_mean", []).append(mean.float().cpu())
             parts.setdefault(f"{side}_std", []).append(std.float().cpu())

@@ -88,15 +88,21 @@ def train_experts(
     config_flags: list[str] | None = None,
     **config_kwargs: Any,
 ) -> ExpertDirectories:
-    """Train one expert (`category`), one LoRA on several categories (`categories`), or one expert per category
-    (`all_categories`, into `output_dir/<category>/`). Finished experts trained with the same settings are reused;
-    unfinished ones resume.
+    """Train one expert (`category`), one LoRA on several categories (`categories`), one expert per category
+    (`all_categories`, into `output_dir/<category>/`), or, with none of them, one expert on every pair of the dataset.
+    Finished experts trained with the same settings are reused; unfinished ones resume.
+
+    A dataset in the published CoProV2 / Pick-a-Pic layout (`jpg_0`, `jpg_1`, `label_0`, `caption`) trains as it is:
+    without a `category` column, `all_categories` trains one expert on all pairs (with a logged notice); without a
+    `safe_prompt` column, `prompt_condition` falls back to "unsafe" (`data.effective_prompt_condition`), and the
+    condition used is the one the experts record.
 
     Args:
         dataset: A CoProV2 `Dataset`, a `build-data` folder or a Hub id (its `train` split is used).
         output_dir: Where the expert(s) go.
         model: Pipeline, path or Hub id; None for the microworld.
-        category, categories, all_categories: Which expert(s) to train (exactly one of them).
+        category, categories, all_categories: Which expert(s) to train (at most one of them; none: one expert on
+            every pair, into `output_dir`).
         max_steps: Optimizer steps per expert.
         config_flags: Command-line flags of `SafetyDPOConfig` (e.g. ["--learning_rate", "1e-4"]).
         **config_kwargs: `SafetyDPOConfig` fields, in Python.
@@ -105,36 +111,41 @@ def train_experts(
         The experts' directories; `.reused` lists those that were finished already, with these settings.
 
     Raises:
-        ValueError: Before anything is written, for an invalid setting, or for a directory whose finished expert or
-            last checkpoint recorded other training settings (listing them).
+        ValueError: Before anything is written, for an invalid setting, a `category` or `categories` on a dataset
+            without a `category` column, or a directory whose finished expert or last checkpoint recorded other
+            training settings (listing them).
     """
     from transformers import HfArgumentParser
 
     from safety_dpo.trainer.config import SafetyDPOConfig
+    from safety_dpo.trainer.data import effective_prompt_condition
     from safety_dpo.trainer.trainer import SafetyDPOTrainer, expert_training_settings
 
     chosen = [category is not None, categories is not None, all_categories]
-    if sum(chosen) != 1:
-        raise ValueError("Choose exactly one of category, categories or all_categories.")
+    if sum(chosen) > 1:
+        raise ValueError(
+            "Choose at most one of category, categories or all_categories; none trains one expert on every pair."
+        )
     flag_settings = _parse_flags(HfArgumentParser(SafetyDPOConfig), config_flags or [])  # bad flags fail first
     pairs = load_pairs(dataset)
-    if all_categories:
-        if "category" not in pairs.column_names:
-            raise ValueError("all_categories needs a 'category' column in the dataset.")
-        plan = [(name, [name]) for name in sorted(set(pairs["category"]))]
-    else:
-        names = [category] if category is not None else list(categories)
-        plan = [(None, names)]
+    plan = _expert_plan(pairs, category, categories, all_categories, output_dir)
+    requested = {**flag_settings, **config_kwargs}.get("prompt_condition", SafetyDPOConfig.prompt_condition)
+    prompt_condition = effective_prompt_condition(pairs, requested)  # once: one notice, whatever the experts
     # 1. Every expert's settings, checked before anything is written
     experts = []
     for subdirectory, names in plan:
         expert_dir = Path(output_dir) / subdirectory if subdirectory else Path(output_dir)
         settings = dict(flag_settings)
         settings.update(output_dir=str(expert_dir), categories=names, **config_kwargs)
+        settings["prompt_condition"] = prompt_condition  # what the dataset allows is what the expert records
         if max_steps is not None:
             settings["max_steps"] = max_steps
         if isinstance(dataset, (str, os.PathLike)) and settings.get("dataset_name") is None:
             settings["dataset_name"] = str(dataset)
+        if subdirectory and settings.get("push_to_hub") and settings.get("hub_model_id"):
+            # one repo per category expert ("org/experts-violence"), as each has a folder of its own here: one
+            # repo for all would hold only the last expert pushed
+            settings["hub_model_id"] = f"{settings['hub_model_id']}-{subdirectory}"
         experts.append((expert_dir, SafetyDPOConfig(**settings)))
     # 2. What each directory holds, against the training settings, before any work
     base_model, fingerprint = _base_model_name(model), getattr(pairs, "_fingerprint", None)
@@ -156,12 +167,52 @@ def train_experts(
             trainer = SafetyDPOTrainer(model=model, args=args, train_dataset=pairs)
             resume = bool(adapter_io.checkpoints(expert_dir))
             logger.info(
-                "Training the expert for %s into %s%s.", args.categories, expert_dir, " (resuming)" if resume else ""
+                "Training the expert for %s into %s%s.",
+                args.categories or "every pair",
+                expert_dir,
+                " (resuming)" if resume else "",
             )
             trainer.train(resume_from_checkpoint=True if resume else None)
             trainer.save_state()  # trainer_state.json: the logged metrics, beside the adapter
             trainer.save_model()
     return ExpertDirectories([expert_dir for expert_dir, _ in experts], reused)
+
+
+def _expert_plan(
+    pairs, category: str | None, categories: list[str] | None, all_categories: bool, output_dir: str | os.PathLike
+) -> list[tuple[str | None, list[str] | None]]:
+    """The experts to train: (subdirectory of `output_dir` or None, categories or None for every pair).
+
+    Raises:
+        ValueError: If `category` or `categories` is given for a dataset without a `category` column.
+    """
+    columns = pairs.column_names
+    if category is not None or categories is not None:
+        argument = f"category={category!r}" if category is not None else f"categories={categories!r}"
+        if "category" not in columns:
+            raise ValueError(
+                f"{argument}: the dataset has no 'category' column (it has {columns}), so its rows cannot be chosen "
+                "by category. Leave it out to train one expert on all its pairs."
+            )
+        return [(None, [category] if category is not None else list(categories))]
+    if "category" not in columns:
+        if all_categories:
+            logger.warning(
+                "all_categories: the dataset has no 'category' column (it has %s); training one expert on all its "
+                "pairs into %s.",
+                columns,
+                output_dir,
+            )
+        return [(None, None)]
+    present = sorted(set(pairs["category"]))
+    if all_categories:
+        return [(name, [name]) for name in present]
+    logger.warning(
+        "No category, categories or all_categories: training one expert on all pairs, which mixes the dataset's "
+        "categories %s. all_categories trains one expert per category, as SafetyDPO does before merging them.",
+        present,
+    )
+    return [(None, None)]
 
 
 def _is_finished(expert_dir: Path, args: SafetyDPOConfig, settings: dict[str, Any]) -> bool:
