@@ -11,6 +11,7 @@ import logging
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from safety_dpo import __version__
 
@@ -123,6 +124,58 @@ def _add_build_data(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", required=True, help="Where the dataset is written (datasets.load_from_disk).")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the dataset to this Hub dataset repo.")
     parser.set_defaults(handler=_run_build_data)
+
+
+def _run_export_pickapic(args: argparse.Namespace) -> int:
+    """Write a CoProV2 dataset in Pick-a-Pic's layout, which diffusers' train_diffusion_dpo.py reads."""
+    import datasets
+
+    from safety_dpo.data.pickapic import to_pickapic
+
+    path = Path(args.dataset).expanduser()
+    if path.exists():
+        source = datasets.load_from_disk(str(path))
+    else:
+        source = datasets.load_dataset(args.dataset)
+    if isinstance(source, datasets.Dataset):
+        source = datasets.DatasetDict({"train": source})
+    exported = to_pickapic(source)
+    output_dir = Path(args.output_dir)
+    written = [output_dir / "data" / f"{split}-00000-of-00001.parquet" for split in exported]
+    existing = [str(file) for file in written if file.exists()]
+    if existing:
+        raise FileExistsError(f"{existing[0]!r} exists; choose a new --output-dir. Nothing was written.")
+    for file, split in zip(written, exported, strict=True):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = file.with_name(f".{file.name}.tmp")
+        exported[split].to_parquet(str(temporary))
+        temporary.replace(file)
+    rows = ", ".join(f"{split}: {len(exported[split])}" for split in exported)
+    print(
+        f"Pick-a-Pic layout written to {args.output_dir} ({rows} rows; jpg_0 = the safe image, label_0 = 1, caption = "
+        "the unsafe prompt); datasets.load_dataset reads the folder, and train_diffusion_dpo.py --dataset_name it "
+        "(with --dataset_split_name train)."
+    )
+    if args.push_to_hub:
+        exported.push_to_hub(args.push_to_hub)
+        print(f"Pushed to {args.push_to_hub}")
+    return 0
+
+
+def _add_export_pickapic(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export-pickapic",
+        help="Write a CoProV2 dataset in Pick-a-Pic's layout, for diffusers' train_diffusion_dpo.py.",
+        description="Export a CoProV2 dataset (a build-data folder, a saved dataset or a Hub id) to the columns of "
+        "Pick-a-Pic that diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py reads: jpg_0 (the "
+        "safe image) and jpg_1 (the unsafe one) as PNG bytes, label_0 = 1, caption = the unsafe prompt; other columns "
+        "are kept. Ties are dropped and label_0 = 0 rows swapped. One parquet file per split under "
+        "OUTPUT_DIR/data/, which datasets.load_dataset(OUTPUT_DIR) reads.",
+    )
+    parser.add_argument("dataset", metavar="DATASET", help="A build-data folder, a saved dataset or a Hub id.")
+    parser.add_argument("--output-dir", required=True, help="Where the parquet files are written (a new folder).")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload the export to this Hub dataset repo.")
+    parser.set_defaults(handler=_run_export_pickapic)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -668,6 +721,7 @@ def _add_align(subparsers: argparse._SubParsersAction) -> None:
 _SUBCOMMANDS = (
     _add_env,
     _add_build_data,
+    _add_export_pickapic,
     _add_train,
     _add_merge,
     _add_generate,
@@ -781,7 +835,7 @@ def _config_settings(args: argparse.Namespace) -> dict:
 
 def _subcommand_in(argv: Sequence[str]) -> str | None:
     """The subcommand named on the command line, found without parsing it (which needs the subcommand's flags)."""
-    names = {"train", "align", "env", "build-data", "merge", "generate", "evaluate", "convert-q16"}
+    names = {"train", "align", "env", "build-data", "export-pickapic", "merge", "generate", "evaluate", "convert-q16"}
     return next((token for token in argv if token in names), None)
 
 

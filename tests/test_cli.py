@@ -16,7 +16,17 @@ def test_help_lists_only_the_subcommands_that_exist(capsys):
     assert exit_info.value.code == 0
     assert "env" in capsys.readouterr().out
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    assert set(subcommands) == {"env", "build-data", "train", "merge", "generate", "evaluate", "convert-q16", "align"}
+    assert set(subcommands) == {
+        "env",
+        "build-data",
+        "export-pickapic",
+        "train",
+        "merge",
+        "generate",
+        "evaluate",
+        "convert-q16",
+        "align",
+    }
 
 
 def test_evaluate_offers_every_fid_feature_extractor():
@@ -98,6 +108,28 @@ def test_train_all_categories_writes_one_expert_per_category_and_skips_finished_
         and output.count("nothing was trained") == 2
         and "No --model: the microworld" in output
     )
+
+
+def test_export_pickapic_writes_parquet_that_load_dataset_reads_with_the_safe_image_first(tmp_path, capsys):
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from safety_dpo.data import CoProV2Builder
+
+    build = CoProV2Builder(concepts=["knife"], pairs_per_concept=2, num_inference_steps=2).build(
+        tmp_path / "data", progress=False
+    )
+    assert main(["export-pickapic", str(tmp_path / "data"), "--output-dir", str(tmp_path / "pap")]) == 0
+    exported = datasets.load_dataset(str(tmp_path / "pap"), split="train")
+    assert exported.features["jpg_0"] == datasets.Value("binary") and set(exported["label_0"]) == {1.0}
+    first = build["train"][0]
+    assert exported[0]["caption"] == first["unsafe_prompt"]
+    safe = Image.open(io.BytesIO(exported[0]["jpg_0"])).convert("RGB")
+    assert list(safe.getdata()) == list(first["jpg_0"].convert("RGB").getdata())  # the safe image, unchanged
+    assert main(["export-pickapic", str(tmp_path / "data"), "--output-dir", str(tmp_path / "pap")]) == 2  # kept
+    assert "choose a new --output-dir" in capsys.readouterr().err
 
 
 def test_train_refuses_an_unknown_config_flag_rather_than_taking_it_for_an_abbreviation(tmp_path, capsys):
