@@ -285,3 +285,13 @@ def test_the_example_script_pushes_the_expert_once(tmp_path, hub, monkeypatch):
     assert len(commits) == 1
     assert repo_files("tester/expert") == PUSHED
     assert (tmp_path / "expert" / METADATA_NAME).is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------- card
+def test_an_experts_card_loads_it_from_its_folder_with_no_placeholder(tmp_path):
+    trainer = tiny_trainer(config(tmp_path, max_steps=1))
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / "expert" / "README.md").read_text()
+    assert f"pipe.load_safety_adapter({json.dumps(str(tmp_path / 'expert'))})" in card
+    assert "<base-model-id>" not in card and "<this-repo-id>" not in card

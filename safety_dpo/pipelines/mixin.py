@@ -3,24 +3,40 @@
 A safety adapter is a UNet LoRA (a SafetyDPO expert or a Co-Merge adapter, or any diffusers-format UNet LoRA).
 Unfused, it is loaded through diffusers' PEFT LoRA loading as a named adapter and composes with the user's other
 LoRAs, each with its own weight. Fused (`fuse=True`), `scale * B @ A` is added to the base weights directly: no PEFT
-wrapper stays in the UNet, so inference costs exactly what the base model costs; a CPU copy of the touched weights is
-kept so that unloading restores them bit for bit.
+wrapper stays in the UNet, so inference costs exactly what the base model costs; a CPU copy of each touched weight
+as it was before any safety adapter was fused into it is kept, so that unloading the last one restores it bit for
+bit, and unloading one of several leaves exactly the others' change.
+
+diffusers' own LoRA methods see safety adapters: `fuse_lora` fuses them this way, `unfuse_lora` turns them back
+into unfused adapters, `unload_lora_weights` and `delete_adapters` remove them, and `save_pretrained` writes a folder
+that stock `DiffusionPipeline.from_pretrained` loads (the folder's layout: safe_pipelines.py).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import math
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import torch
+
+from safety_dpo.trainer.adapter_io import LORA_WEIGHT_NAME
 
 logger = logging.getLogger(__name__)
 
 Architecture = Literal["sd", "sdxl"]
 _ARCHITECTURE_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL"}
 _PIPELINES = {"sd": "StableDiffusionSafePipeline", "sdxl": "StableDiffusionXLSafePipeline"}
+
+HUB_ARGUMENTS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
+
+Term = tuple[torch.Tensor, torch.Tensor, float]  # one fused adapter's share of a layer: (up, down, scale)
 
 
 @dataclass
@@ -29,20 +45,23 @@ class SafetyAdapterState:
 
     name: str
     source: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (up with the scale folded in, down)
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (up with the LoRA scale folded in, down)
     metadata: dict[str, Any]
     scale: float
     fused: bool
-    original_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # fused only: CPU copies
+    details: dict[str, str] = field(default_factory=dict)  # subfolder, weight_name, revision: where in `source`
     # unfused only: diffusers' PEFT injection freezes every UNet parameter; unloading gives the flags back
     requires_grad: list[tuple[torch.nn.Parameter, bool]] = field(default_factory=list)
 
 
 class SafetyAdapterMixin:
     """Adds `load_safety_adapter`, `unload_safety_adapter`, `set_safety_scale` and `safety_adapters` to a diffusers
-    pipeline with a `unet` and diffusers' LoRA loading (`load_lora_weights`, `set_adapters`, `delete_adapters`).
+    pipeline with a `unet` and diffusers' LoRA loading (`load_lora_weights`, `set_adapters`, `delete_adapters`), and
+    makes its `fuse_lora`, `unfuse_lora`, `unload_lora_weights`, `delete_adapters` and `save_pretrained` handle
+    safety adapters.
 
-    The mixin has no `__init__`; its state lives in `_safety_adapter_states`, created on first use.
+    The mixin has no `__init__`; its state lives in `_safety_adapter_states` and `_safety_fused_bases`, created on
+    first use.
     """
 
     # ---------------------------------------------------------------------------------------------- public API
@@ -53,7 +72,14 @@ class SafetyAdapterMixin:
         weight_name: str | None = None,
         scale: float = 1.0,
         fuse: bool = False,
-        **hub_kwargs: Any,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        force_download: bool | None = None,
+        **unexpected: Any,
     ) -> None:
         """Load a safety adapter into the UNet.
 
@@ -61,25 +87,37 @@ class SafetyAdapterMixin:
             pretrained_model_name_or_path_or_dict: A Hub id, a local folder, a `.safetensors` file, or a UNet LoRA
                 state dict.
             adapter_name: The adapter's name, as in `set_adapters`; it must not be in use.
-            weight_name: The weight file in a folder or repo; None: the one `safety_dpo.json` names, or
-                `pytorch_lora_weights.safetensors`.
+            weight_name: The weight file in the folder or repo (or its `subfolder`), "sub/file.safetensors" allowed;
+                None: the one `safety_dpo.json` names, or `pytorch_lora_weights.safetensors`. `safety_dpo.json` is
+                read from the folder that holds the weight file.
             scale: The adapter's weight, a finite number (1.0: as trained; 0.0: no effect).
             fuse: Add the adapter to the base weights: zero inference overhead, scale fixed until
                 `set_safety_scale` re-fuses it.
-            **hub_kwargs: `huggingface_hub` download arguments (`revision`, `token`, `cache_dir`, ...).
+            subfolder: The adapter's folder inside the folder or repo, as in `load_lora_weights`.
+            revision: The Hub revision (branch, tag or commit) to download; ignored for local sources.
+            token: The Hub token (None: the logged-in one).
+            cache_dir: The Hub cache folder.
+            local_files_only: Use the Hub cache only, never the network.
+            force_download: Download again even if the files are cached.
 
         Raises:
+            TypeError: If an argument that `load_safety_adapter` does not take is given (the message lists those it
+                takes).
             ValueError: If the adapter is not a UNet LoRA, is a pickle file, holds NaN or infinite values or values
                 too large for the UNet's dtype at this scale, was made for another architecture (SD 1.x/2.x vs SDXL)
-                or other layer shapes, if its weight file lies outside its folder, if `scale` is not a finite
-                number, or if `adapter_name` is taken.
-            FileNotFoundError: If the source or `weight_name` cannot be found.
+                or other layer shapes, if its weight file or `subfolder` lies outside its folder, if `subfolder` is
+                given for a file or state dict, if `scale` is not a finite number, or if `adapter_name` is taken.
+            FileNotFoundError: If the source, `subfolder` or `weight_name` cannot be found.
 
         A base-model fingerprint that differs from this pipeline's UNet (an adapter trained on another checkpoint of
         the same architecture) only warns.
         """
-        from safety_dpo.merging.experts import load_expert
-
+        if unexpected:
+            raise TypeError(
+                f"load_safety_adapter() got unexpected keyword argument(s) {sorted(unexpected)}; it takes "
+                "adapter_name, weight_name, scale, fuse and the download arguments of diffusers' load_lora_weights: "
+                f"{', '.join(HUB_ARGUMENTS)}."
+            )
         scale = _finite_scale(scale)
         states = self._safety_states()
         if adapter_name in states or adapter_name in self._peft_adapter_names():
@@ -87,9 +125,15 @@ class SafetyAdapterMixin:
                 f"adapter_name={adapter_name!r} is already loaded; unload it first or choose another adapter_name."
             )
         source = pretrained_model_name_or_path_or_dict
+        hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir}
+        hub_kwargs |= {"local_files_only": local_files_only, "force_download": force_download}
+        hub_kwargs = {key: value for key, value in hub_kwargs.items() if value is not None}
+        details = {"subfolder": subfolder, "weight_name": weight_name, "revision": revision}
+        details = {key: value for key, value in details.items() if value is not None}
         label = "a state dict" if isinstance(source, dict) else repr(str(source))
+        label += "".join(f" ({key}={value!r})" for key, value in details.items() if key != "revision")
         try:
-            adapter = load_expert(source, weight_name=weight_name, **hub_kwargs)
+            adapter = _load_adapter(source, subfolder, weight_name, hub_kwargs)
         except (ValueError, FileNotFoundError) as error:
             raise type(error)(f"Cannot load the safety adapter {label}: {error}") from error
         self._check_fits(label, adapter.layers, adapter.metadata)
@@ -100,21 +144,14 @@ class SafetyAdapterMixin:
             metadata=adapter.metadata,
             scale=scale,
             fused=fuse,
+            details=details,
         )
         if fuse:
-            self._fuse(state)  # checks each fused weight against the UNet's dtype
+            self._fuse_state(state)  # checks each fused weight against the UNet's dtype
         else:
             self._check_range(state)
-            weights = self._active_adapter_weights()
-            state.requires_grad = [(parameter, parameter.requires_grad) for parameter in self.unet.parameters()]
-            lora = {}
-            for layer, (up, down) in adapter.layers.items():  # the scale is folded in: diffusers' alpha = r
-                lora[f"unet.{layer}.lora_A.weight"] = down
-                lora[f"unet.{layer}.lora_B.weight"] = up
-            self.load_lora_weights(lora, adapter_name=adapter_name)
-            weights[adapter_name] = scale
-            self.set_adapters(list(weights), list(weights.values()))
-        states[adapter_name] = state
+            self._attach_peft(state)
+            states[adapter_name] = state
         logger.info(
             "Loaded safety adapter %s as %r (scale %s%s).", label, adapter_name, scale, ", fused" if fuse else ""
         )
@@ -127,19 +164,12 @@ class SafetyAdapterMixin:
         states = self._safety_states()
         names = list(states) if adapter_name is None else [self._known(adapter_name)]
         for name in names:
-            state = states.pop(name)
+            state = states[name]
             if state.fused:
-                self._restore(state)
-                continue
-            weights = self._active_adapter_weights()
-            weights.pop(name, None)
-            self.delete_adapters(name)
-            if not self._peft_adapter_names():
-                self.unload_lora_weights()  # no LoRA left: take the PEFT wrappers out as well
-            elif weights:
-                self.set_adapters(list(weights), list(weights.values()))
-            for parameter, requires_grad in state.requires_grad:
-                parameter.requires_grad_(requires_grad)
+                self._unfuse_state(state, remove=True)
+            else:
+                states.pop(name)
+                self._detach_peft(state)
 
     def set_safety_scale(self, scale: float, adapter_name: str | None = None) -> None:
         """Change a safety adapter's weight (None: every safety adapter). A fused adapter is re-fused.
@@ -159,16 +189,16 @@ class SafetyAdapterMixin:
         weights = self._active_adapter_weights()
         for name in names:
             state = states[name]
-            previous, state.scale = state.scale, scale
             if state.fused:
-                self._restore(state)
+                before = self._fused_terms(state.layers)
+                previous, state.scale = state.scale, scale
                 try:
-                    self._fuse(state)
+                    self._write_fused(state.layers, before, state)
                 except ValueError:
-                    state.scale = previous  # `_fuse` put the base weights back; fuse the old scale again
-                    self._fuse(state)
+                    state.scale = previous  # nothing was written
                     raise
             else:
+                state.scale = scale
                 weights[name] = scale
         if any(not states[name].fused for name in names):
             self.set_adapters(list(weights), list(weights.values()))
@@ -186,11 +216,120 @@ class SafetyAdapterMixin:
             for name, state in self._safety_states().items()
         }
 
+    # ------------------------------------------------------------------ diffusers' LoRA methods, safety-aware
+    def fuse_lora(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `fuse_lora`; the unfused safety adapters among `adapter_names` (None: the active adapters)
+        are fused the safety adapter way (as `load_safety_adapter(..., fuse=True)`, at their scale times
+        `lora_scale`), so that unloading them restores the base weights exactly."""
+        arguments = _bound(super().fuse_lora, args, kwargs)
+        states = self._safety_states()
+        requested = arguments.get("adapter_names")
+        if "unet" in (arguments.get("components") or []):
+            if requested is not None:
+                candidates = list(requested)
+            else:
+                candidates = self.get_active_adapters() if self._peft_adapter_names() else []
+            for name in [name for name in candidates if name in states and not states[name].fused]:
+                state = states[name]
+                scale = _finite_scale(state.scale * arguments.get("lora_scale", 1.0))
+                self._detach_peft(state)
+                previous, state.scale = state.scale, scale
+                try:
+                    self._fuse_state(state)
+                except ValueError:
+                    state.scale = previous
+                    self._attach_peft(state)
+                    raise
+            if requested is not None:
+                requested = [name for name in requested if not (name in states and states[name].fused)]
+                if not requested:
+                    return  # only safety adapters were named: nothing is left for diffusers to fuse
+                kwargs = {**arguments, "adapter_names": requested}
+                args = ()
+        super().fuse_lora(*args, **kwargs)
+
+    def unfuse_lora(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `unfuse_lora`; fused safety adapters become unfused ones at the same scale (the base weights
+        come back exactly, the adapter stays loaded and active), as diffusers does with a LoRA it fused."""
+        arguments = _bound(super().unfuse_lora, args, kwargs)
+        super().unfuse_lora(*args, **kwargs)
+        if "unet" not in (arguments.get("components") or []):
+            return
+        for state in [state for state in self._safety_states().values() if state.fused]:
+            self._check_range(state)  # unfused, PEFT computes in the UNet's dtype; refuse before changing anything
+            self._unfuse_state(state, remove=False)
+            self._attach_peft(state)
+
+    def unload_lora_weights(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `unload_lora_weights`, which also removes every safety adapter, fused ones included (their
+        base weights come back exactly)."""
+        self.unload_safety_adapter()
+        super().unload_lora_weights(*args, **kwargs)
+
+    def delete_adapters(self, adapter_names: list[str] | str) -> None:
+        """diffusers' `delete_adapters`; a safety adapter among them is unloaded with `unload_safety_adapter`."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        states = self._safety_states()
+        for name in [name for name in names if name in states]:
+            self.unload_safety_adapter(name)
+        others = [name for name in names if name not in states]
+        if others:
+            super().delete_adapters(others)
+
+    @property
+    def fused_loras(self) -> set[str]:
+        """The names of the fused LoRAs: those `fuse_lora` fused and the fused safety adapters."""
+        fused = {name for name, state in self._safety_states().items() if state.fused}
+        return set(super().fused_loras) | fused
+
+    @property
+    def num_fused_loras(self) -> int:
+        return len(self.fused_loras)
+
+    # ------------------------------------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' `save_pretrained`, writing a folder that stock `DiffusionPipeline.from_pretrained` loads.
+
+        `model_index.json` names the stock pipeline class this one extends. The UNet is saved without PEFT
+        wrappers: an unfused safety adapter is saved beside it, in `safety_adapters/<adapter_name>/` (a diffusers
+        LoRA and its `safety_dpo.json`) and listed, with its scale, under `_safety_adapters` in `model_index.json`;
+        a fused one is in the UNet's weights and recorded under `_fused_safety_adapters` in `unet/config.json`
+        (its source, the sha256 of its LoRA, its scale). Other unfused LoRAs are not saved (a warning names them);
+        LoRAs fused with `fuse_lora` are in the UNet's weights, as diffusers saves them. The pipeline itself is
+        left as it was.
+
+        Args:
+            save_directory: The folder.
+            *args: diffusers' `save_pretrained` arguments (`safe_serialization`, `variant`, `push_to_hub`, ...).
+            **kwargs: As `*args`.
+        """
+        from safety_dpo.pipelines.safe_pipelines import saved_form
+
+        states = list(self._safety_states().values())
+        unsaved = self._peft_adapter_names() - {state.name for state in states} - set(super().fused_loras)
+        with saved_form(self, save_directory, states, sorted(unsaved)):
+            super().save_pretrained(save_directory, *args, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The configuration as diffusers writes it, with the stock pipeline's class name (`model_index.json` must
+        name a class that stock diffusers can import)."""
+        from safety_dpo.pipelines.safe_pipelines import saved_class
+
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = saved_class(type(self)).__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
     # ---------------------------------------------------------------------------------------------- internals
     def _safety_states(self) -> dict[str, SafetyAdapterState]:
         if "_safety_adapter_states" not in self.__dict__:
             self.__dict__["_safety_adapter_states"] = {}
         return self.__dict__["_safety_adapter_states"]
+
+    def _fused_bases(self) -> dict[str, torch.Tensor]:
+        """Layer -> CPU copy of its weight as it was before any safety adapter was fused into it."""
+        if "_safety_fused_bases" not in self.__dict__:
+            self.__dict__["_safety_fused_bases"] = {}
+        return self.__dict__["_safety_fused_bases"]
 
     def _known(self, adapter_name: str) -> str:
         states = self._safety_states()
@@ -240,23 +379,102 @@ class SafetyAdapterMixin:
         module = getattr(module, "base_layer", module)  # a layer wrapped by another LoRA
         return module if isinstance(module, torch.nn.Linear) else None
 
-    def _fuse(self, state: SafetyAdapterState) -> None:
-        """Add `scale * up @ down` to each layer's weight; if a fused weight leaves the range of the weight's dtype
-        (it would turn into inf, and the images black), put every weight back and raise."""
+    # ---------------------------------------------------------------------------------------- unfused: PEFT
+    def _attach_peft(self, state: SafetyAdapterState) -> None:
+        """Load the adapter through diffusers as a PEFT adapter, active beside the active ones at their weights."""
+        weights = self._active_adapter_weights()
+        state.requires_grad = [(parameter, parameter.requires_grad) for parameter in self.unet.parameters()]
+        lora = {}
+        for layer, (up, down) in state.layers.items():  # the LoRA scale is folded in: diffusers' alpha = r
+            lora[f"unet.{layer}.lora_A.weight"] = down
+            lora[f"unet.{layer}.lora_B.weight"] = up
+        self.load_lora_weights(lora, adapter_name=state.name)
+        weights[state.name] = state.scale
+        self.set_adapters(list(weights), list(weights.values()))
+
+    def _detach_peft(self, state: SafetyAdapterState) -> None:
+        weights = self._active_adapter_weights()
+        weights.pop(state.name, None)
+        super().delete_adapters(state.name)
+        if not self._peft_adapter_names():
+            super().unload_lora_weights()  # no LoRA left: take the PEFT wrappers out as well
+        elif weights:
+            self.set_adapters(list(weights), list(weights.values()))
+        for parameter, requires_grad in state.requires_grad:
+            parameter.requires_grad_(requires_grad)
+        state.requires_grad = []
+
+    # ----------------------------------------------------------------------------------- fused: base weights
+    def _fused_terms(self, layers: Iterable[str]) -> dict[str, list[Term]]:
+        """Per layer, the fused safety adapters' shares as they are recorded now, in loading order."""
+        fused = [state for state in self._safety_states().values() if state.fused]
+        return {
+            layer: [(*state.layers[layer], state.scale) for state in fused if layer in state.layers]
+            for layer in layers
+        }
+
+    def _fuse_state(self, state: SafetyAdapterState) -> None:
+        """Record `state` as fused and add it to the base weights; on overflow nothing is written and `state` is
+        recorded as it was."""
+        states = self._safety_states()
+        was_recorded, was_fused = state.name in states, state.fused
+        before = self._fused_terms(state.layers)
+        states[state.name], state.fused = state, True
         try:
-            for layer, (up, down) in state.layers.items():
-                weight = self._linear(layer).weight
-                state.original_weights.setdefault(layer, weight.detach().to("cpu", copy=True))
-                with torch.no_grad():
-                    delta = (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)) * state.scale
-                    fused = weight.float() + delta  # (out, in)
-                    largest = float(fused.abs().max())
-                    if weight.is_floating_point() and not largest <= torch.finfo(weight.dtype).max:  # NaN fails too
-                        raise ValueError(self._overflow_message(state, layer, weight.dtype, largest, "fused weight"))
-                    weight.copy_(fused.to(weight.dtype))
+            self._write_fused(state.layers, before, state)
         except ValueError:
-            self._restore(state)
+            state.fused = was_fused
+            if not was_recorded:
+                del states[state.name]
             raise
+
+    def _unfuse_state(self, state: SafetyAdapterState, remove: bool) -> None:
+        """Take a fused adapter out of the base weights; `remove`: forget it too, else record it as unfused."""
+        states = self._safety_states()
+        before = self._fused_terms(state.layers)
+        if remove:
+            del states[state.name]
+        state.fused = False
+        try:
+            self._write_fused(state.layers, before, state)
+        except ValueError:  # only if the adapters left add up to more than the dtype holds
+            states[state.name], state.fused = state, True
+            raise
+
+    def _write_fused(self, layers: Iterable[str], before: dict[str, list[Term]], changed: SafetyAdapterState) -> None:
+        """Set each layer's weight to its base weight plus the fused adapters recorded now (`before`: those its
+        weight holds). Every new weight is computed and checked against its dtype's range before any is written.
+
+        A weight that still holds exactly what was last written is rebuilt from its base copy, so that removing the
+        last adapter restores it bit for bit. One that changed since (a LoRA fused into it with `fuse_lora`) keeps
+        that change: the old shares are subtracted and the new ones added.
+        """
+        bases = self._fused_bases()
+        after = self._fused_terms(layers)
+        writes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for layer in layers:
+            weight = self._linear(layer).weight
+            base = bases.get(layer)
+            if base is None:
+                base = weight.detach().to("cpu", copy=True)
+            elif not torch.equal(weight, _with_terms(base.to(weight.device).float(), before[layer]).to(weight.dtype)):
+                base = _with_terms(weight.float(), before[layer], sign=-1.0).to(weight.dtype).cpu()
+            if not after[layer]:
+                writes[layer] = (base, None)
+                continue
+            fused = _with_terms(base.to(weight.device).float(), after[layer])  # (out, in)
+            largest = float(fused.abs().max())
+            if weight.is_floating_point() and not largest <= torch.finfo(weight.dtype).max:  # NaN fails too
+                raise ValueError(self._overflow_message(changed, layer, weight.dtype, largest, "fused weight"))
+            writes[layer] = (fused.to(weight.dtype), base)
+        with torch.no_grad():
+            for layer, (new, base) in writes.items():
+                weight = self._linear(layer).weight
+                weight.copy_(new.to(weight.device))
+                if base is None:
+                    bases.pop(layer, None)
+                else:
+                    bases[layer] = base
 
     def _check_range(self, state: SafetyAdapterState, scale: float | None = None) -> None:
         """Raise if an unfused adapter's factors or delta weights at `scale` (default: its own) exceed the range of
@@ -299,13 +517,6 @@ class SafetyAdapterMixin:
             "training run?); retrain it, lower the scale, or load the pipeline in a wider dtype (float32, bfloat16)."
         )
 
-    def _restore(self, state: SafetyAdapterState) -> None:
-        with torch.no_grad():
-            for layer, original in state.original_weights.items():
-                weight = self._linear(layer).weight
-                weight.copy_(original.to(weight.device))
-        state.original_weights.clear()
-
     def _peft_adapter_names(self) -> set[str]:
         listed = self.get_list_adapters() if hasattr(self, "get_list_adapters") else {}
         return {name for names in listed.values() for name in names}
@@ -325,6 +536,7 @@ class SafetyAdapterMixin:
         return weights
 
 
+# -------------------------------------------------------------------------------------------------- helpers
 def _finite_scale(scale: Any) -> float:
     """`scale` as a float, refused unless it is a finite number (NaN or inf would turn every image black)."""
     try:
@@ -337,3 +549,91 @@ def _finite_scale(scale: Any) -> float:
             "(half its effect) or 0.0 (no effect)."
         )
     return value
+
+
+def _with_terms(weight: torch.Tensor, terms: list[Term], sign: float = 1.0) -> torch.Tensor:
+    """`weight` (float32) plus (or minus) each `scale * up @ down`, in order."""
+    for up, down, scale in terms:
+        weight = weight + sign * scale * (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32))
+    return weight
+
+
+def _bound(method: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call to one of diffusers' LoRA methods by name, defaults filled in (their defaults, such
+    as `components`, differ between pipelines)."""
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {**bound.arguments.pop("kwargs", {}), **bound.arguments}
+
+
+# ------------------------------------------------------------------------------------------- adapter sources
+def _load_adapter(source: Any, subfolder: str | None, weight_name: str | None, hub_kwargs: dict[str, Any]) -> Any:
+    """A `LoraExpert` from a state dict, a `.safetensors` file, a folder or a Hub repo, with diffusers'
+    `subfolder` and a `weight_name` that may lie in a sub-folder; `safety_dpo.json` is read beside the weight file."""
+    from safety_dpo.merging.experts import load_expert
+
+    path = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
+    if subfolder is not None and (path is None or path.is_file()):
+        raise ValueError(f"subfolder={subfolder!r} applies to a folder or Hub repo, not to a file or a state dict.")
+    in_folder = path is not None and not path.is_file()  # a local folder or a Hub repo
+    weight_parts = _relative_parts(weight_name, "weight_name", source) if weight_name is not None and in_folder else []
+    prefix = [*_relative_parts(subfolder, "subfolder", source), *weight_parts[:-1]] if subfolder else weight_parts[:-1]
+    if not prefix or not in_folder:
+        return load_expert(source, weight_name=weight_name, **hub_kwargs)
+    file_name = weight_parts[-1] if weight_parts else None
+    folder_name = "/".join(prefix)
+    if path.is_dir():
+        folder = path / folder_name
+        if folder.is_dir() and not folder.resolve().is_relative_to(path.resolve()):
+            raise ValueError(
+                f"{folder_name!r} points outside {str(source)!r} (it resolves to {str(folder.resolve())!r})."
+            )
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{str(source)!r} has no folder {folder_name!r}.")
+        return load_expert(folder, weight_name=file_name)  # checks that the weight file lies inside `folder`
+    return _load_from_hub_folder(str(source), folder_name, file_name, hub_kwargs)
+
+
+def _load_from_hub_folder(repo_id: str, folder_name: str, file_name: str | None, hub_kwargs: dict[str, Any]) -> Any:
+    """The LoRA in the folder `folder_name` of a Hub repo, and the `safety_dpo.json` beside it."""
+    from safety_dpo.hub import ensure_local_or_download
+    from safety_dpo.merging.experts import expert_from_state_dict
+    from safety_dpo.trainer.adapter_io import METADATA_NAME, read_lora_file, read_metadata
+
+    if file_name is not None and not file_name.endswith(".safetensors"):  # refused before anything is downloaded
+        raise ValueError(f"weight_name={file_name!r} is not a .safetensors file; only safetensors are read.")
+    patterns = [f"{folder_name}/{file_name or '*.safetensors'}", f"{folder_name}/{METADATA_NAME}"]
+    folder = ensure_local_or_download(repo_id, allow_patterns=patterns, **hub_kwargs) / folder_name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"The Hub repo {repo_id!r} has no .safetensors file in {folder_name!r}.")
+    metadata = read_metadata(folder) or {}
+    name = file_name or metadata.get("weight_name") or LORA_WEIGHT_NAME
+    _relative_parts(name, f"{METADATA_NAME} weight_name", repo_id)
+    weight_file = folder / name  # a link into the Hub cache, whose name was checked above
+    if not weight_file.is_file():
+        found = sorted(item.name for item in folder.glob("*.safetensors"))
+        if file_name is not None or len(found) != 1:
+            raise FileNotFoundError(
+                f"{repo_id!r} has no {name!r} in {folder_name!r} (.safetensors files there: {', '.join(found) or 'none'})"
+            )
+        weight_file = folder / found[0]
+    if weight_file.suffix != ".safetensors":
+        raise ValueError(f"{weight_file.name!r} in {repo_id!r} is not a .safetensors file; only safetensors are read.")
+    state, lora_config = read_lora_file(weight_file)
+    return expert_from_state_dict(
+        state, name=repo_id, metadata=metadata, lora_config=lora_config, source=f"{folder_name}/{weight_file.name}"
+    )
+
+
+def _relative_parts(value: Any, what: str, source: Any) -> list[str]:
+    """The parts of a relative path inside the adapter's folder or repo; refused if absolute or with "..", before
+    anything is downloaded."""
+    if not isinstance(value, str) or not value.strip("/"):
+        raise ValueError(f"{what}={value!r} is not a path; pass a folder or file name inside {str(source)!r}.")
+    windows = PureWindowsPath(value)  # splits on both "/" and "\\"
+    if PurePosixPath(value).is_absolute() or windows.anchor or ".." in windows.parts:
+        raise ValueError(
+            f"{what}={value!r} points outside the adapter folder or repo {str(source)!r}: it must be a path relative "
+            "to it, without '..' (e.g. 'safety_adapters/safety' or 'sub/file.safetensors')."
+        )
+    return [part for part in value.split("/") if part and part != "."]

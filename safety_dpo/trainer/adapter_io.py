@@ -104,6 +104,27 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     return data
 
 
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The tensors of a LoRA `.safetensors` file, and the PEFT config that diffusers' `save_lora_weights` stores in
+    its header (UNet entries, "unet." prefix removed), or None where the file has none. Nothing is unpickled.
+
+    Raises:
+        ValueError: Naming the file, when it is not a readable `.safetensors` file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{str(path)!r} is not a readable .safetensors file ({error}).") from error
+    if "lora_adapter_metadata" not in header:
+        return state, None
+    stored = json.loads(header["lora_adapter_metadata"])
+    return state, {key.removeprefix("unet."): value for key, value in stored.items() if key.startswith("unet.")}
+
+
 def read_training_settings(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The training settings an expert or checkpoint recorded; None where it recorded none
     (written before safety_dpo recorded them)."""
@@ -214,6 +235,8 @@ def write_card(output_dir: str | os.PathLike, metadata: dict[str, Any], repo_id:
     card = render_model_card(
         repo_id=repo_id,
         base_model=base_model if on_hub else None,
+        base_model_source=base_model,
+        adapter_source=repo_id or str(output_dir),  # the Hub repo once pushed, else the folder it is saved to
         library_name="diffusers",
         pipeline_tag="text-to-image",
         datasets=[dataset] if dataset else None,
