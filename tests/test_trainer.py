@@ -296,8 +296,11 @@ def test_the_preservation_term_keeps_the_safe_prompts_and_the_other_categories_b
 
 # ----------------------------------------------------------------------------------------------------- bad input
 def test_a_dataset_missing_columns_is_refused_with_the_columns_listed(pairs, tmp_path):
-    with pytest.raises(ValueError, match=r"lacks the columns \['jpg_1', 'safe_prompt'\]"):
+    # without safe_prompt, prompt_condition falls back to "unsafe" (test_published_format.py): only jpg_1 is missing
+    with pytest.raises(ValueError, match=r"lacks the columns \['jpg_1'\]; it has \['caption', 'category'"):
         SafetyDPOTrainer(args=config(tmp_path), train_dataset=pairs.remove_columns(["jpg_1", "safe_prompt"]))
+    with pytest.raises(ValueError, match=r"lacks the columns \['jpg_0', 'jpg_1'\]"):
+        SafetyDPOTrainer(args=config(tmp_path), train_dataset=pairs.remove_columns(["jpg_0", "jpg_1"]))
 
 
 def test_preservation_without_benign_prompts_is_refused(tmp_path):
