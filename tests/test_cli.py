@@ -37,6 +37,34 @@ def test_evaluate_offers_every_fid_feature_extractor():
     assert tuple(fid.choices) == (*FID_FEATURES, "none")
 
 
+def test_merge_offers_exactly_the_librarys_choices():
+    from safety_dpo.merging import config
+
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]
+    choices = {action.dest: tuple(action.choices) for action in merge._actions if action.choices}
+    assert choices == {
+        "method": (*config.METHODS, *config.RENAMED_METHODS),
+        "granularity": config.GRANULARITIES,
+        "inputs": config.INPUTS,
+        "storage": config.STORAGES,
+    }
+
+
+def test_help_answers_without_importing_torch():
+    script = """
+import sys
+from safety_dpo.cli import main
+for arguments in (["--help"], ["merge", "--help"], ["evaluate", "--help"], ["generate", "--help"]):
+    try:
+        main(arguments)
+    except SystemExit:
+        pass
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_env_prints_the_versions_of_the_stack(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out

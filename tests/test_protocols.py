@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from safety_dpo import cli
+from safety_dpo.cli import evaluate as evaluate_command
 from safety_dpo.evaluation import quality, runner, scoring
 from safety_dpo.evaluation.compare import compare_results
 from safety_dpo.evaluation.detectors import Detector, NudeNetDetector
@@ -117,8 +118,8 @@ def test_a_refused_protocol_writes_nothing(tmp_path):
 
 
 def test_the_cli_lists_exactly_the_librarys_protocols_and_feature_extractors():
-    assert cli._PROTOCOLS == tuple(PROTOCOLS)
-    assert cli._FID_FEATURES == quality.FID_FEATURES
+    assert evaluate_command._PROTOCOLS == tuple(PROTOCOLS)
+    assert evaluate_command._FID_FEATURES == quality.FID_FEATURES
 
 
 def test_the_cli_refuses_a_contradicting_setting_with_exit_status_2(tmp_path, capsys):

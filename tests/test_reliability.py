@@ -271,7 +271,8 @@ def test_the_cli_gives_the_microworld_the_free_cores_unless_told_otherwise(monke
 
     import torch
 
-    from safety_dpo import cli, threads
+    from safety_dpo import threads
+    from safety_dpo.cli import runtime
 
     chosen = [2]  # torch's default on 2 cores
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)
@@ -279,20 +280,20 @@ def test_the_cli_gives_the_microworld_the_free_cores_unless_told_otherwise(monke
     monkeypatch.delenv("SAFETY_DPO_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(threads, "busy_cores_of_others", lambda cores, window=0.3: 1.2)  # another job on a core
-    cli._set_threads(argparse.Namespace(num_threads=None, model=None, command="align"))
+    runtime.set_threads(argparse.Namespace(num_threads=None, model=None, command="align"))
     assert chosen == [2, 1]
     monkeypatch.setattr(threads, "busy_cores_of_others", lambda cores, window=0.3: 0.1)  # it has finished
     threads.adapt_threads()  # the next stage of align
     assert chosen == [2, 1, 2]
-    cli._set_threads(argparse.Namespace(num_threads=None, model="org/sd", command="align"))  # real model: torch's
+    runtime.set_threads(argparse.Namespace(num_threads=None, model="org/sd", command="align"))  # real model: torch's
     monkeypatch.setattr(threads, "busy_cores_of_others", lambda cores, window=0.3: 1.5)
     threads.adapt_threads()  # adaptive mode is off for real models: nothing changes
-    cli._set_threads(argparse.Namespace(num_threads=3, model="org/sd", command="align"))
+    runtime.set_threads(argparse.Namespace(num_threads=3, model="org/sd", command="align"))
     monkeypatch.setenv("SAFETY_DPO_NUM_THREADS", "4")
-    cli._set_threads(argparse.Namespace(num_threads=None, model=None, command="evaluate"))
+    runtime.set_threads(argparse.Namespace(num_threads=None, model=None, command="evaluate"))
     assert chosen == [2, 1, 2, 3, 4]
     with pytest.raises(SystemExit, match="--num-threads must be at least 1"):
-        cli._set_threads(argparse.Namespace(num_threads=0, model=None, command="evaluate"))
+        runtime.set_threads(argparse.Namespace(num_threads=0, model=None, command="evaluate"))
     threads.disable_adaptive_threads()
 
 
