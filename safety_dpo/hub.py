@@ -32,6 +32,8 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
 )
 
+from safety_dpo.worlds import MICROWORLD_NAME
+
 RepoType = Literal["model", "dataset"]
 
 ADAPTER_CARD_TEMPLATE = "adapter_card.md"
@@ -93,9 +95,7 @@ def render_model_card(
 
 
 # Base models recorded by a name rather than a Hub id or a path, and how a card's code loads them.
-_NAMED_BASE_MODELS = {
-    "safety_dpo-microworld": ("from safety_dpo.microworld import checkpoint_path", "checkpoint_path()")
-}
+_NAMED_BASE_MODELS = {MICROWORLD_NAME: ("from safety_dpo.microworld import checkpoint_path", "checkpoint_path()")}
 
 
 def _loading_code(base_model: Any, adapter: Any) -> dict[str, Any]:

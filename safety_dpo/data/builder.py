@@ -34,10 +34,10 @@ from safety_dpo.data.build_dir import REPORT_FILE, BuildDirectory, write_json
 from safety_dpo.data.generation import (
     check_sampler,
     config_digest,
+    default_world_generation,
     draw_pairs,
     encode_png,
     load_text_to_image_pipeline,
-    microworld_generation,
     process_state,
     use_scheduler,
 )
@@ -47,6 +47,7 @@ from safety_dpo.data.schema import coprov2_features
 from safety_dpo.data.taxonomy import Taxonomy, coprov2_taxonomy
 from safety_dpo.data.writers import PairRequest, PromptWriter, PromptWriterError, load_prompt_writer
 from safety_dpo.folder_lock import FolderLock
+from safety_dpo.worlds import default_world
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class CoProV2Builder:
         self.taxonomy = check_build_settings(pipeline_or_path, taxonomy, categories, concepts, pairs_per_concept)
         self.prompt_writer = load_prompt_writer(prompt_writer, llm_model=llm_model, **(writer_kwargs or {}))
         self.pipeline, self.generator_model = load_text_to_image_pipeline(pipeline_or_path, pipeline_kwargs or {})
-        generation = microworld_generation() if is_microworld else {}
+        generation = default_world_generation() if is_microworld else {}
         overrides = {
             "num_inference_steps": num_inference_steps,
             "guidance_scale": guidance_scale,
@@ -472,10 +473,8 @@ def _load_taxonomy(taxonomy: Taxonomy | str | os.PathLike | None, is_microworld:
         return taxonomy
     if taxonomy is not None:
         return Taxonomy.from_file(taxonomy)
-    if is_microworld:
-        from safety_dpo.microworld import taxonomy as microworld_taxonomy
-
-        return microworld_taxonomy()
+    if is_microworld:  # no model: the default world's taxonomy
+        return default_world().taxonomy()
     return coprov2_taxonomy()
 
 

@@ -12,15 +12,15 @@ import os
 from typing import Any
 
 from safety_dpo.data.pairs import PromptPair
-
-MICROWORLD_MODEL = "safety_dpo-microworld"
+from safety_dpo.worlds import default_world
 
 
 def load_text_to_image_pipeline(pipeline_or_path: Any, pipeline_kwargs: dict[str, Any]) -> tuple[Any, str]:
+    """The pipeline to draw with and the model name to record: `pipeline_or_path` (a pipeline, or a path or Hub id
+    to load one from), or for None the default world's pipeline and name (`safety_dpo.worlds`)."""
     if pipeline_or_path is None:
-        from safety_dpo.microworld import load_pipeline
-
-        pipeline, model_id = load_pipeline(**pipeline_kwargs), MICROWORLD_MODEL
+        world = default_world()
+        pipeline, model_id = world.load_pipeline(**pipeline_kwargs), world.name
         pipeline.set_progress_bar_config(disable=True)
         return pipeline, model_id
     if isinstance(pipeline_or_path, (str, os.PathLike)):
@@ -89,10 +89,10 @@ def process_state():
     return PartialState(cpu=True) if distributed_on_cpu else PartialState()
 
 
-def microworld_generation() -> dict[str, Any]:
-    from safety_dpo.microworld import load_protocol
-
-    protocol = load_protocol()
+def default_world_generation() -> dict[str, Any]:
+    """The default world's sampling settings (its protocol's scheduler, steps, guidance and resolution): what a
+    build draws with when no model is given."""
+    protocol = default_world().load_protocol()
     return {
         "scheduler": protocol.scheduler,
         "num_inference_steps": protocol.num_inference_steps,

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from safety_dpo.data.writers import PairRequest, PromptWriterError, WrittenPairs
+from safety_dpo.data.writer_base import PairRequest, PromptWriterError, WrittenPairs
 
 logger = logging.getLogger(__name__)
 

@@ -4,72 +4,36 @@ Every writer follows one small protocol, `PromptWriter`: given a `PairRequest` (
 seed), return candidate pairs and the count of answers it could not use. The builder validates the candidates
 (`safety_dpo.data.pairs`) and asks again until it has enough or the budget is spent.
 
-- `TemplatePromptWriter`: the microworld's prompt grammar, deterministic; the default.
+- `TemplatePromptWriter`: the default world's prompt grammar (the microworld's), deterministic; the default.
 - `TransformersPromptWriter` and `OpenAIPromptWriter` (in `safety_dpo.data.llm_writers`): a language model, local
   or behind an OpenAI-compatible server.
 
 `load_prompt_writer("template" | "transformers:MODEL_ID" | "openai:BASE_URL", ...)` builds one from the strings the
-command line takes.
+command line takes. The protocol and the types every writer shares are in `safety_dpo.data.writer_base`.
 """
 
 from __future__ import annotations
 
 import random
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from safety_dpo.data.taxonomy import Category, Concept
+from safety_dpo.data.writer_base import PairRequest, PromptWriter, PromptWriterError, WrittenPairs
+from safety_dpo.worlds import default_world
 
-
-@dataclass(frozen=True)
-class PairRequest:
-    """What the builder asks a writer for.
-
-    Attributes:
-        concept: The harmful concept (with its names, description and category).
-        category: Its category (id and description).
-        counterpart: The safe name that should replace the concept (a hint for language models).
-        num_pairs: How many pairs to write.
-        seed: Seed for this request; the same request with the same seed should give the same answer.
-    """
-
-    concept: Concept
-    category: Category
-    counterpart: str
-    num_pairs: int
-    seed: int
-
-
-@dataclass
-class WrittenPairs:
-    """A writer's answer: candidate (unsafe, safe) prompt tuples and unusable answers counted by reason."""
-
-    candidates: list[tuple[str, str]] = field(default_factory=list)
-    rejections: Counter[str] = field(default_factory=Counter)
-
-
-@runtime_checkable
-class PromptWriter(Protocol):
-    """The protocol every prompt writer follows.
-
-    `name` is recorded in the dataset card ("template", "transformers:Qwen/Qwen2.5-7B-Instruct", ...);
-    `to_dict()` returns every setting that changes what the writer writes, for the build's fingerprint.
-    """
-
-    name: str
-
-    def write(self, request: PairRequest) -> WrittenPairs: ...
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-class PromptWriterError(RuntimeError):
-    """A writer cannot go on (e.g. its server stays unreachable after the retries)."""
+__all__ = [
+    "WRITER_KINDS",
+    "PairRequest",
+    "PromptWriter",
+    "PromptWriterError",
+    "TemplatePromptWriter",
+    "WrittenPairs",
+    "load_prompt_writer",
+]
 
 
 class TemplatePromptWriter:
-    """Write pairs with the microworld's prompt grammar: deterministic, instant, trained names only.
+    """Write pairs with the default world's prompt grammar (`World.compose_pair`, the microworld's): deterministic,
+    instant, trained names only.
 
     The unsafe prompt names the concept with one of its trained names in a sampled composition (scene, figure,
     colour, wording); the safe prompt is the same text with the counterpart's name. Compositions come from the
@@ -80,8 +44,7 @@ class TemplatePromptWriter:
     name = "template"
 
     def write(self, request: PairRequest) -> WrittenPairs:
-        from safety_dpo.microworld.grammar import compose_pair
-
+        compose_pair = default_world().compose_pair
         rng = random.Random(f"{request.seed}|{request.concept.id}")
         candidates = [compose_pair(rng, request.concept, request.counterpart) for _ in range(request.num_pairs)]
         return WrittenPairs(candidates=candidates)

@@ -11,7 +11,7 @@ from typing import Any
 _LAZY_EXPORTS: dict[str, str] = {
     "DETECTOR_NAMES": ".detectors",
     "NUDENET_PRESETS": ".detectors",
-    "Detector": ".detectors",
+    "Detector": ".detector_base",
     "JudgeDetector": ".detectors",
     "NudeNetDetector": ".detectors",
     "load_detector": ".detectors",

@@ -5,53 +5,25 @@
 - `load_detector("nudenet:safetydpo")` builds one from a spec (`DETECTOR_NAMES`, `NUDENET_PRESETS`).
 - `nudenet_flag` is the NudeNet decision rule as a pure function of NudeNet's detections.
 
-Q16 lives in `safety_dpo.evaluation.q16`. NudeNet, onnxruntime and transformers are imported by the constructors
-that need them, never when this module is imported.
+`Detector` lives in `safety_dpo.evaluation.detector_base`, Q16 in `safety_dpo.evaluation.q16`; the judge is the
+default world's (`safety_dpo.worlds`). NudeNet, onnxruntime and transformers are imported by the constructors that
+need them, never when this module is imported.
 """
 
 from __future__ import annotations
 
-import abc
 import functools
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safety_dpo.evaluation.detector_base import Detector
+from safety_dpo.worlds import default_world
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
-
-    from safety_dpo.microworld import Judge
-
-
-class Detector(abc.ABC):
-    """Says, per image, whether it is inappropriate.
-
-    Subclasses set the class attribute `name` ("nudenet", "q16", "judge") and implement `settings` and `detect`.
-    """
-
-    name: str
-
-    @abc.abstractmethod
-    def settings(self) -> dict[str, Any]:
-        """Everything that decides a flag (preset, classes, threshold, model id or path, ...), JSON-serialisable.
-
-        Written into every report next to the numbers it produced.
-        """
-
-    @abc.abstractmethod
-    def detect(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-        """One JSON-serialisable dict per image, in order, each with `"flagged": bool` plus the detector's details.
-
-        An empty sequence gives an empty list.
-        """
-
-    def provenance(self) -> dict[str, Any]:
-        """Package versions and weight digests of what ran (results.json's `protocol.scorers`): the settings say
-        what was asked for, this says what was used."""
-        return {}
 
 
 # ====================================================================================================== NudeNet
@@ -260,29 +232,28 @@ def _check_threshold(threshold: float) -> float:
 
 
 class JudgeDetector(Detector):
-    """The microworld's judge: flags an image that shows any harmful concept of `safety_dpo.microworld.taxonomy()`.
+    """The default world's judge (the microworld's): flags an image that shows any harmful concept of the world's
+    taxonomy (`World.taxonomy`, `safety_dpo.microworld.taxonomy()`).
 
     Args:
-        judge: A `safety_dpo.microworld.Judge`, a folder holding one (`Judge.from_pretrained`), or None for the judge
-            shipped with the package.
+        judge: The world's judge (`World.judge_class`, `safety_dpo.microworld.Judge`), a folder holding one
+            (`from_pretrained`), or None for the judge shipped with the world.
 
     Raises:
-        ValueError: If the judge knows none of the microworld's harmful concepts (it could never flag).
+        ValueError: If the judge knows none of the world's harmful concepts (it could never flag).
     """
 
     name = "judge"
 
-    def __init__(self, judge: Judge | str | os.PathLike | None = None) -> None:
-        from safety_dpo.microworld import Judge, load_judge, taxonomy
-        from safety_dpo.microworld.judge import default_judge_path
-
+    def __init__(self, judge: Any = None) -> None:
+        world = default_world()
         if judge is None:
-            self.judge, self.path = load_judge(), str(default_judge_path())
-        elif isinstance(judge, Judge):
+            self.judge, self.path = world.load_judge(), str(world.default_judge_path())
+        elif isinstance(judge, world.judge_class):
             self.judge, self.path = judge, None
         else:
-            self.judge, self.path = Judge.from_pretrained(judge), str(judge)
-        self._category_of = {concept.id: concept.category for concept in taxonomy().harmful_concepts}
+            self.judge, self.path = world.judge_class.from_pretrained(judge), str(judge)
+        self._category_of = {concept.id: concept.category for concept in world.taxonomy().harmful_concepts}
         if not set(self._category_of) & set(self.judge.concept_ids):
             raise ValueError("The judge knows none of the microworld's harmful concepts, so it could never flag.")
 
@@ -291,9 +262,8 @@ class JudgeDetector(Detector):
 
     def provenance(self) -> dict[str, Any]:
         from safety_dpo.evaluation.provenance import file_sha256
-        from safety_dpo.microworld.judge import JUDGE_WEIGHTS_NAME
 
-        weights = Path(self.path) / JUDGE_WEIGHTS_NAME if self.path else None
+        weights = Path(self.path) / default_world().judge_weights_name if self.path else None
         return {"weights_sha256": file_sha256(weights) if weights and weights.is_file() else None}
 
     def detect(self, images: Sequence[Image.Image]) -> list[dict[str, Any]]:

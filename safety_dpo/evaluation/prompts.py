@@ -4,7 +4,7 @@
 
 | source | prompts | subsets |
 | --- | --- | --- |
-| `"microworld"` | the protocol's test prompts (`safety_dpo.microworld.protocol_prompts`) | `unsafe`, `unsafe_held_out`, `neutral` |
+| `"microworld"` | the default world's protocol test prompts (`World.protocol_prompts`) | `unsafe`, `unsafe_held_out`, `neutral` |
 | `"i2p"`, `"i2p:HUB_ID"` | I2P (`I2P_DATASET`), its seeds and guidance scales | `i2p` |
 | `"coprov2-test:PATH_OR_ID"` | the unsafe prompts of a CoProV2 build's test split | `unsafe` |
 | `"coco"`, `"coco:HUB_ID"` | the first caption of each COCO image, with the images as references | `coco` |
@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from safety_dpo.worlds import default_world
 
 PROMPT_SOURCES: tuple[str, ...] = ("microworld", "i2p", "coprov2-test", "coco")
 I2P_DATASET = "AIML-TUDA/i2p"
@@ -208,10 +210,10 @@ def _parse_source(source: str) -> tuple[str, str | None]:
 
 
 def microworld_eval_prompts(groups: dict[str, Sequence[Any]], limit: int | None = None) -> list[EvalPrompt]:
-    """The microworld's prompt items (`protocol_prompts`), subset name -> items, as `EvalPrompt`s of those subsets
-    (the first `limit` of each, if given), each harmful one with its category and its minimal-edit safe prompt."""
-    from safety_dpo.microworld import to_safe_prompt
-
+    """The default world's prompt items (`World.protocol_prompts`, the microworld's), subset name -> items, as
+    `EvalPrompt`s of those subsets (the first `limit` of each, if given), each harmful one with its category and its
+    minimal-edit safe prompt (`World.to_safe_prompt`)."""
+    to_safe_prompt = default_world().to_safe_prompt
     return [
         EvalPrompt(
             item.prompt,
@@ -226,13 +228,13 @@ def microworld_eval_prompts(groups: dict[str, Sequence[Any]], limit: int | None 
 
 
 def _load_microworld(source: str, wanted: tuple[str, ...] | None, limit: int | None) -> PromptSet:
-    from safety_dpo.microworld import load_protocol, protocol_prompts, taxonomy
-
-    known = taxonomy().category_ids
+    world = default_world()
+    protocol_prompts = world.protocol_prompts
+    known = world.taxonomy().category_ids
     unknown = [category for category in wanted or () if category not in known]
     if unknown:
         raise ValueError(f"Unknown microworld categories {unknown}; known categories: {', '.join(known)}.")
-    protocol = load_protocol()
+    protocol = world.load_protocol()
     chosen = list(wanted) if wanted is not None else None
     groups = {
         "unsafe": protocol_prompts("unsafe", names="trained", categories=chosen, protocol=protocol),

@@ -269,9 +269,9 @@ def _reference_settings(spec: str, settings: Mapping[str, Any]) -> bool:
 
         return settings.get("clip_model") == Q16_CLIP_MODEL
     if spec == "judge":
-        from safety_dpo.microworld.judge import default_judge_path
+        from safety_dpo.worlds import default_world
 
-        return settings.get("path") == str(default_judge_path())
+        return settings.get("path") == str(default_world().default_judge_path())
     return False
 
 

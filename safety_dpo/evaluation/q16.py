@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from safety_dpo.evaluation.detectors import Detector
+from safety_dpo.evaluation.detector_base import Detector
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from safety_dpo.worlds import default_world
+
 logger = logging.getLogger(__name__)
 
 FIDFeatures = Literal["inception", "clip", "judge"]
@@ -46,22 +48,22 @@ def images_to_uint8(images: Sequence[Image.Image], size: int | None = None) -> t
 
 
 class JudgeFeatures(nn.Module):
-    """The microworld judge's feature vector as a torchmetrics FID feature extractor: uint8 (N, 3, H, W) -> (N, D)."""
+    """The default world's judge's feature vector (the microworld's) as a torchmetrics FID feature extractor: uint8
+    (N, 3, H, W) -> (N, D)."""
 
     def __init__(self, judge: Any = None) -> None:
         super().__init__()
-        from safety_dpo.microworld import load_judge
-
-        self.judge = judge or load_judge()
+        world = default_world()
+        self.judge = judge or world.load_judge()
         self.num_features = self.judge.feature_dim
+        self.resolution = world.resolution  # the side of the images the judge reads
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from safety_dpo.microworld.renderer import RESOLUTION
-
+        size = self.resolution
         pixels = images.float() / 127.5 - 1.0  # the judge reads [-1, 1]
-        if pixels.shape[-1] != RESOLUTION or pixels.shape[-2] != RESOLUTION:
-            pixels = nn.functional.interpolate(pixels, size=(RESOLUTION, RESOLUTION), mode="bilinear")
+        if pixels.shape[-1] != size or pixels.shape[-2] != size:
+            pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bilinear")
         device = next(self.judge.parameters()).device
         return self.judge.eval()(pixels.to(device))["features"].float().cpu()
 
@@ -173,10 +175,8 @@ def fid_feature_extractor(
         ImportError: For "inception" features without torch-fidelity.
     """
     if features == "judge":
-        from safety_dpo.microworld.renderer import RESOLUTION
-
         module = JudgeFeatures(judge)
-        module.input_size = RESOLUTION
+        module.input_size = module.resolution
         return module, {"features": "judge", "dimensions": module.num_features}
     if features == "clip":
         if clip is None:

@@ -28,6 +28,7 @@ from safety_dpo.evaluation.cache import ImageCache, Job, digest
 from safety_dpo.evaluation.prompts import PromptSet, load_prompt_set
 from safety_dpo.folder_lock import FolderLock
 from safety_dpo.threads import adapt_threads
+from safety_dpo.worlds import default_world, default_world_name
 
 logger = logging.getLogger(__name__)
 
@@ -234,9 +235,9 @@ def _torch_threads(threads: int | None):
 
 
 def check_microworld_prompts(prompt_set: PromptSet) -> None:
-    """Refuse, before drawing, prompts the microworld cannot place (its judge could not score them)."""
-    from safety_dpo.microworld import parse_prompt
-
+    """Refuse, before drawing, prompts the microworld (the default world, `World.parse_prompt`) cannot place (its
+    judge could not score them)."""
+    parse_prompt = default_world().parse_prompt
     problems = []
     for index, prompt in enumerate(prompt_set.prompts):
         try:
@@ -301,9 +302,7 @@ def _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column)
 def _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if is_microworld:
-        from safety_dpo.microworld import load_protocol
-
-        protocol = load_protocol()
+        protocol = default_world().load_protocol()
         settings = {
             "scheduler": protocol.scheduler,
             "num_inference_steps": protocol.num_inference_steps,
@@ -372,10 +371,8 @@ def _seed_rule(seed: int) -> str:
 
 
 def _model_id(model: Any) -> str:
-    from safety_dpo.data.generation import MICROWORLD_MODEL
-
     if model is None:
-        return MICROWORLD_MODEL
+        return default_world_name()
     if isinstance(model, (str, os.PathLike)):
         return str(model)
     return str(getattr(model, "name_or_path", None) or type(model).__name__)  # a pipeline object

@@ -28,6 +28,7 @@ from safety_dpo.evaluation.ip import (
 )
 from safety_dpo.evaluation.prompts import PromptSet
 from safety_dpo.evaluation.protocols import canonical_detector, frechet_metric_name, ip_metric_name
+from safety_dpo.worlds import default_world
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +162,8 @@ def score_run(
 
         protocol["preset"] = get_protocol(protocol_name).to_dict()
     if is_microworld:
-        from safety_dpo.microworld import load_judge, load_protocol
-
-        protocol["microworld"] = {**load_protocol().to_dict(), "judge_threshold": load_judge().threshold}
+        world = default_world()
+        protocol["microworld"] = {**world.load_protocol().to_dict(), "judge_threshold": world.load_judge().threshold}
     metrics = {"ip": ip_key, "frechet": frechet_key, "clip_score": None if scorers.clip is None else "clip_score"}
     return {
         "metrics": metrics,
@@ -175,9 +175,9 @@ def score_run(
 
 def _judge_sha256() -> str:
     from safety_dpo.evaluation.provenance import file_sha256
-    from safety_dpo.microworld.judge import JUDGE_WEIGHTS_NAME, default_judge_path
 
-    return file_sha256(default_judge_path() / JUDGE_WEIGHTS_NAME)
+    world = default_world()
+    return file_sha256(world.default_judge_path() / world.judge_weights_name)
 
 
 def load_detectors(
@@ -370,8 +370,7 @@ def _clip_score_result(metrics: dict[Any, Any]) -> dict[str, Any]:
 
 def _microworld_fidelity(images_per_subset: dict[str, list]) -> tuple[dict[str, Any], dict[str, list[dict]]]:
     """The judge's prompt fidelity per subset, and its description of every image (for comparisons with the base)."""
-    from safety_dpo.microworld.evaluate import prompt_fidelity
-
+    prompt_fidelity = default_world().prompt_fidelity
     result, descriptions = {}, {}
     for subset, pairs in images_per_subset.items():
         measured = prompt_fidelity([image for image, _ in pairs], [job.prompt.prompt for _, job in pairs])
@@ -387,8 +386,7 @@ def _agreement_with_base(descriptions: dict[str, dict[str, list[dict]]], models:
     `base_agreement` (concepts, scene and figure colour: unchanged; on neutral prompts, the preservation of what
     should be kept) and `layout_agreement` (scene and figure colour: on harmful prompts, the layout kept while the
     object is replaced)."""
-    from safety_dpo.microworld.metrics import agreement_with_reference
-
+    agreement_with_reference = default_world().agreement_with_reference
     for subset, aligned in descriptions["aligned"].items():
         base = descriptions["base"][subset]
         models["aligned"]["microworld"][subset]["base_agreement"] = agreement_with_reference(aligned, base)
@@ -405,10 +403,9 @@ def _reference_features(prompt_set, jobs, extractor, is_microworld, progress) ->
     from safety_dpo.evaluation.quality import extract_features
 
     if is_microworld:
-        from safety_dpo.microworld import load_protocol, render
-
-        resolution = load_protocol().resolution
-        images = [render(job.prompt.prompt, job.seed, resolution) for job in tqdm(jobs, disable=not progress)]
+        world = default_world()
+        resolution = world.load_protocol().resolution
+        images = [world.render(job.prompt.prompt, job.seed, resolution) for job in tqdm(jobs, disable=not progress)]
         return extract_features(images, extractor)
     if prompt_set.reference_images is None:
         return None

@@ -174,16 +174,16 @@ def _merge_layer(layer, number, ups, downs, experts, config, weights, statistics
 
 
 def _calibrate(experts: list[LoraExpert], config: CoMergeConfig, pipeline: Any):
-    from safety_dpo.data.generation import MICROWORLD_MODEL, load_text_to_image_pipeline
+    from safety_dpo.data.generation import load_text_to_image_pipeline
+    from safety_dpo.worlds import default_world, default_world_name
 
     if pipeline is None:
         base_model = experts[0].metadata.get("base_model")
-        pipeline = None if base_model in (None, MICROWORLD_MODEL) else base_model
+        # Experts that name no base model, or the default world's, calibrate on the default world's pipeline.
+        pipeline = None if base_model in (None, default_world_name()) else base_model
         logger.info("Calibrating on %s.", base_model or "the microworld")
         if pipeline is None and config.guidance_scale is None:
-            from safety_dpo.microworld import load_protocol
-
-            config = dataclasses.replace(config, guidance_scale=load_protocol().guidance_scale)
+            config = dataclasses.replace(config, guidance_scale=default_world().load_protocol().guidance_scale)
     pipeline, model_id = load_text_to_image_pipeline(pipeline, {})
     prompts = _calibration_prompts(experts, config)
     groups = calibration_groups(experts, prompts, config.inputs)

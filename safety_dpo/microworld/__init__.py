@@ -8,7 +8,8 @@
 - `reference_adapter_path()`: the safety adapter that `safety-dpo align` makes for it, shipped with the package;
 - `evaluate_pipeline`, `score_images` and the metrics, under one `Protocol`.
 
-See docs/microworld.md.
+It is the library's default world: `plugin.MICROWORLD` hands these pieces to `safety_dpo.worlds`, which the library
+asks when no model is given (the library's lower layers never import this package). See docs/microworld.md.
 """
 
 from safety_dpo.microworld.checkpoint import checkpoint_path, load_pipeline, reference_adapter_path

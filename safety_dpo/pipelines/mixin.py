@@ -9,7 +9,7 @@ bit, and unloading one of several leaves exactly the others' change.
 
 diffusers' own LoRA methods see safety adapters: `fuse_lora` fuses them this way, `unfuse_lora` turns them back
 into unfused adapters, `unload_lora_weights` and `delete_adapters` remove them, and `save_pretrained` writes a folder
-that stock `DiffusionPipeline.from_pretrained` loads (the folder's layout: safe_pipelines.py).
+that stock `DiffusionPipeline.from_pretrained` loads (the folder's layout: saved_folder.py).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import torch
 
+from safety_dpo.pipelines.adapter_state import SafetyAdapterState
+from safety_dpo.pipelines.saved_folder import saved_form
 from safety_dpo.trainer.adapter_io import LORA_WEIGHT_NAME
 
 logger = logging.getLogger(__name__)
@@ -37,21 +38,6 @@ _PIPELINES = {"sd": "StableDiffusionSafePipeline", "sdxl": "StableDiffusionXLSaf
 HUB_ARGUMENTS = ("subfolder", "revision", "token", "cache_dir", "local_files_only", "force_download")
 
 Term = tuple[torch.Tensor, torch.Tensor, float]  # one fused adapter's share of a layer: (up, down, scale)
-
-
-@dataclass
-class SafetyAdapterState:
-    """What the pipeline remembers of one loaded safety adapter."""
-
-    name: str
-    source: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (up with the LoRA scale folded in, down)
-    metadata: dict[str, Any]
-    scale: float
-    fused: bool
-    details: dict[str, str] = field(default_factory=dict)  # subfolder, weight_name, revision: where in `source`
-    # unfused only: diffusers' PEFT injection freezes every UNet parameter; unloading gives the flags back
-    requires_grad: list[tuple[torch.nn.Parameter, bool]] = field(default_factory=list)
 
 
 class SafetyAdapterMixin:
@@ -303,8 +289,6 @@ class SafetyAdapterMixin:
             *args: diffusers' `save_pretrained` arguments (`safe_serialization`, `variant`, `push_to_hub`, ...).
             **kwargs: As `*args`.
         """
-        from safety_dpo.pipelines.safe_pipelines import saved_form
-
         states = list(self._safety_states().values())
         unsaved = self._peft_adapter_names() - {state.name for state in states} - set(super().fused_loras)
         with saved_form(self, save_directory, states, sorted(unsaved)):
@@ -313,8 +297,6 @@ class SafetyAdapterMixin:
     def to_json_string(self) -> str:
         """The configuration as diffusers writes it, with the stock pipeline's class name (`model_index.json` must
         name a class that stock diffusers can import)."""
-        from safety_dpo.pipelines.safe_pipelines import saved_class
-
         config = json.loads(super().to_json_string())
         config["_class_name"] = saved_class(type(self)).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -537,6 +519,17 @@ class SafetyAdapterMixin:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+def saved_class(cls: type) -> type:
+    """The class a pipeline is saved as: the first one it extends that is not a safety_dpo class (the stock
+    pipeline, or for a pipeline upgraded by `enable_safety_adapters`, its own class before the upgrade)."""
+    from diffusers import DiffusionPipeline
+
+    for candidate in cls.__mro__:
+        if issubclass(candidate, DiffusionPipeline) and not issubclass(candidate, SafetyAdapterMixin):
+            return candidate
+    return cls
+
+
 def _finite_scale(scale: Any) -> float:
     """`scale` as a float, refused unless it is a finite number (NaN or inf would turn every image black)."""
     try:

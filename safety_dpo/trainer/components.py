@@ -1,6 +1,6 @@
 """The parts of a Stable Diffusion (1.x/2.x) or SDXL pipeline that training needs, and how they encode inputs.
 
-`load_components` takes a pipeline, a path or Hub id, or None (the microworld); `encode_prompts` and
+`load_components` takes a pipeline, a path or Hub id, or None (the default world, the microworld); `encode_prompts` and
 `encode_images` turn prompts and pixels into what the UNet is conditioned on and denoises; `DPOUNet` is the module
 the `transformers.Trainer` holds: the UNet with its LoRA, whose adapters can be switched off for the reference pass.
 """
@@ -14,7 +14,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from safety_dpo.data.generation import MICROWORLD_MODEL, config_digest
+from safety_dpo.data.generation import config_digest
+from safety_dpo.worlds import default_world
 
 Architecture = Literal["sd", "sdxl"]
 
@@ -46,9 +47,8 @@ def load_components(model: Any = None, **pipeline_kwargs: Any) -> DiffusionCompo
     from diffusers import DDPMScheduler, DiffusionPipeline
 
     if model is None:
-        from safety_dpo.microworld import load_pipeline
-
-        pipeline, base_model = load_pipeline(**pipeline_kwargs), MICROWORLD_MODEL
+        world = default_world()
+        pipeline, base_model = world.load_pipeline(**pipeline_kwargs), world.name
     elif isinstance(model, (str, os.PathLike)):
         pipeline, base_model = DiffusionPipeline.from_pretrained(str(model), **pipeline_kwargs), str(model)
     else:

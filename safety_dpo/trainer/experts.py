@@ -244,10 +244,10 @@ def _reuse(expert_dir: Path, args: SafetyDPOConfig) -> None:
 
 def _base_model_name(model: Any) -> str:
     """The base model's name as `trainer.components.load_components` gives it, without loading the model."""
-    from safety_dpo.data.generation import MICROWORLD_MODEL
+    from safety_dpo.worlds import default_world_name
 
     if model is None:
-        return MICROWORLD_MODEL
+        return default_world_name()
     if isinstance(model, (str, os.PathLike)):
         return str(model)
     return str(getattr(model, "name_or_path", None) or type(model).__name__)
