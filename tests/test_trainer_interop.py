@@ -226,6 +226,23 @@ def test_safety_dpo_train_push_to_hub_pushes_the_expert_files_only(tmp_path, hub
     assert (tmp_path / "expert" / "trainer_state.json").is_file()  # written, and kept local
 
 
+def test_a_finished_expert_that_is_reused_is_still_pushed_when_asked(tmp_path, hub):
+    from diffusers import StableDiffusionPipeline
+
+    from safety_dpo.trainer.experts import train_experts
+
+    StableDiffusionPipeline(**get_dummy_sd_components()).save_pretrained(tmp_path / "model")
+    settings = {"model": str(tmp_path / "model"), "category": "violence", "max_steps": 1, "report_to": "none",
+                "per_device_train_batch_size": 2, "use_cpu": True, "disable_tqdm": True}  # fmt: skip
+    train_experts(tiny_pairs(), tmp_path / "expert", **settings)
+    again = train_experts(
+        tiny_pairs(), tmp_path / "expert", push_to_hub=True, hub_model_id="tester/expert", **settings
+    )
+    assert again.reused == [tmp_path / "expert"]  # nothing trained (push settings are not training settings)
+    assert repo_files("tester/expert") == PUSHED
+    assert 'load_safety_adapter("tester/expert")' in (tmp_path / "expert" / "README.md").read_text()
+
+
 def test_all_categories_pushes_each_expert_to_a_repo_of_its_own(tmp_path, hub):
     import datasets
     from diffusers import StableDiffusionPipeline

@@ -240,6 +240,33 @@ def _reuse(expert_dir: Path, args: SafetyDPOConfig) -> None:
     if not (expert_dir / "README.md").is_file():  # written before safety_dpo.json since; not by older versions
         logger.info("Writing the missing card (README.md) of %s.", expert_dir)
         adapter_io.write_card(expert_dir, adapter_io.read_metadata(expert_dir), repo_id=args.hub_model_id)
+    if args.push_to_hub and args.should_save:  # asked for a push: the finished expert goes up as a trained one would
+        _push_reused(expert_dir, args)
+
+
+def _push_reused(expert_dir: Path, args: SafetyDPOConfig) -> None:
+    """Push a reused expert as `SafetyDPOTrainer.push_to_hub` pushes a trained one: to `hub_model_id` (else the
+    folder's name, as `Trainer` chooses), its card naming that repo, the expert's files only."""
+    from huggingface_hub import HfApi
+
+    from safety_dpo.trainer.hub_push import upload_expert
+
+    repo_id = (
+        HfApi(token=args.hub_token)
+        .create_repo(
+            args.hub_model_id or Path(args.output_dir).absolute().name,
+            private=args.hub_private_repo,
+            exist_ok=True,
+            token=args.hub_token,
+        )
+        .repo_id
+    )
+    adapter_io.write_card(expert_dir, adapter_io.read_metadata(expert_dir), repo_id=repo_id)
+    logs_root = expert_dir if args.push_logs else None
+    upload_expert(
+        expert_dir, repo_id, "Upload the finished expert", args.hub_token, args.hub_revision, True, logs_root
+    )
+    logger.info("Pushed the finished expert %s to %s.", expert_dir, repo_id)
 
 
 def _base_model_name(model: Any) -> str:

@@ -71,28 +71,42 @@ class ExpertPushMixin:
             self.push_in_progress.jobs.append(job)
 
     def _upload(self, expert_dir: str, commit_message: str, token: str | None, revision: str | None, blocking: bool):
-        """One commit of `expert_dir`'s `PUSHED_FILES` and, with `push_logs`, `output_dir/runs/`. Every file is read
-        now: TensorBoard keeps appending to its event files, and a rotated checkpoint may be gone before the upload."""
-        from huggingface_hub import CommitOperationAdd, HfApi
+        """`upload_expert` of `expert_dir` to this trainer's repo, with the TensorBoard runs under `push_logs`."""
+        logs_root = Path(self.args.output_dir) if self.args.push_logs else None
+        return upload_expert(expert_dir, self.hub_model_id, commit_message, token, revision, blocking, logs_root)
 
-        import safety_dpo
 
-        files = {name: Path(expert_dir) / name for name in PUSHED_FILES}
-        if self.args.push_logs:
-            output_dir = Path(self.args.output_dir)
-            logs = sorted((output_dir / LOGS_DIR).rglob("*"))
-            files.update({path.relative_to(output_dir).as_posix(): path for path in logs})
-        operations = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=path.read_bytes())
-            for name, path in files.items()
-            if path.is_file()
-        ]
-        api = HfApi(library_name="safety_dpo", library_version=safety_dpo.__version__)
-        return api.create_commit(
-            repo_id=self.hub_model_id,
-            operations=operations,
-            commit_message=commit_message,
-            token=token,
-            revision=revision,
-            run_as_future=not blocking,
-        )
+def upload_expert(
+    expert_dir: str | Path,
+    repo_id: str,
+    commit_message: str,
+    token: str | None = None,
+    revision: str | None = None,
+    blocking: bool = True,
+    logs_root: Path | None = None,
+):
+    """One commit of `expert_dir`'s `PUSHED_FILES` and, when `logs_root` is given, of `logs_root/runs/`. Every file
+    is read now: TensorBoard keeps appending to its event files, and a rotated checkpoint may be gone before the
+    upload. Returns the `CommitInfo`, or a `Future` of it when not `blocking`."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    import safety_dpo
+
+    files = {name: Path(expert_dir) / name for name in PUSHED_FILES}
+    if logs_root is not None:
+        logs = sorted((logs_root / LOGS_DIR).rglob("*"))
+        files.update({path.relative_to(logs_root).as_posix(): path for path in logs})
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=path.read_bytes())
+        for name, path in files.items()
+        if path.is_file()
+    ]
+    api = HfApi(library_name="safety_dpo", library_version=safety_dpo.__version__)
+    return api.create_commit(
+        repo_id=repo_id,
+        operations=operations,
+        commit_message=commit_message,
+        token=token,
+        revision=revision,
+        run_as_future=not blocking,
+    )
