@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from huggingface_hub import HfApi, snapshot_download
 from peft.utils import merge_utils
 from safetensors.torch import load_file, save_file
 from tiny_models import ATTENTION_PROJECTIONS, attention_layers, get_dummy_sd_components, random_unet_lora
@@ -582,6 +586,137 @@ def test_co_merge_reads_an_expert_by_hub_id(hub, experts):
     merged = co_merge([experts[0], "team/sexual-expert"], CoMergeConfig(method="linear"))
     assert merged.merged_from[1]["name"] == "team/sexual-expert"
     torch.testing.assert_close(merged_deltas(merged), merged_deltas(co_merge(experts, CoMergeConfig(method="linear"))))
+
+
+# ------------------------------------------------------------------------------------------ subfolders, Hub caches
+@pytest.fixture
+def nested(tmp_path, pipe, experts):
+    """A folder holding the violence expert in "x/", and the sexual expert in "x/sub/file.safetensors" with its own
+    safety_dpo.json beside it."""
+    root = tmp_path / "nested"
+    shutil.copytree(experts[0], root / "x")
+    shutil.copytree(experts[1], root / "x" / "sub")
+    (root / "x" / "sub" / WEIGHTS).rename(root / "x" / "sub" / "file.safetensors")
+    return root
+
+
+def test_load_expert_reads_the_adapter_and_its_safety_dpo_json_from_a_subfolder(nested, experts):
+    expert = load_expert(nested, subfolder="x")
+    assert expert.categories == ["violence"] and expert.name == f"{nested}/x"
+    torch.testing.assert_close(merged_deltas_of(expert), merged_deltas_of(load_expert(experts[0])))
+
+
+@pytest.mark.parametrize(("source", "subfolder"), [("nested", "x"), ("nested/x", None)])
+def test_a_weight_name_in_a_sub_folder_reads_the_safety_dpo_json_beside_it(nested, experts, source, subfolder):
+    expert = load_expert(nested.parent / source, weight_name="sub/file.safetensors", subfolder=subfolder)
+    assert expert.categories == ["sexual"]
+    torch.testing.assert_close(merged_deltas_of(expert), merged_deltas_of(load_expert(experts[1])))
+
+
+@pytest.mark.parametrize("subfolder", ["../x", "x/../../y", "/etc", "C:\\adapters", "\\\\server\\share"])
+def test_a_subfolder_outside_the_repo_is_refused_before_any_download(subfolder):
+    # offline: a download would raise FileNotFoundError; the name is refused first
+    with pytest.raises(ValueError, match=rf"subfolder={re.escape(repr(subfolder))} points outside .*'org/adapter'"):
+        load_expert("org/adapter", subfolder=subfolder)
+
+
+def test_a_subfolder_is_refused_for_a_state_dict_a_file_or_a_loaded_expert(experts):
+    loaded = load_expert(experts[0])
+    for source in (diffusers_state(loaded), experts[0] / WEIGHTS, loaded):
+        with pytest.raises(ValueError, match="subfolder='x' applies to a folder or Hub repo, not to a file"):
+            load_expert(source, subfolder="x")
+
+
+def test_a_missing_subfolder_is_reported_by_name(nested):
+    with pytest.raises(FileNotFoundError, match=f"'{nested}' has no folder 'y'"):
+        load_expert(nested, subfolder="y")
+
+
+def test_a_subfolder_linked_out_of_the_folder_is_refused(tmp_path, nested):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "x").symlink_to(nested / "x", target_is_directory=True)
+    with pytest.raises(ValueError, match="subfolder='x' points outside .* resolves to"):
+        load_expert(tmp_path / "repo", subfolder="x")
+
+
+def test_a_weight_file_in_a_subfolder_linked_out_of_it_is_refused(tmp_path, experts):
+    (tmp_path / "repo" / "x").mkdir(parents=True)
+    (tmp_path / "repo" / "x" / WEIGHTS).symlink_to(experts[0] / WEIGHTS)
+    with pytest.raises(ValueError, match="weight_name='pytorch_lora_weights.safetensors' points outside .* resolves"):
+        load_expert(tmp_path / "repo", subfolder="x")
+
+
+def test_co_merge_reads_every_expert_from_the_same_subfolder(tmp_path, experts):
+    for expert in experts:
+        shutil.copytree(expert, tmp_path / expert.name / "x")
+    config = CoMergeConfig(method="linear")
+    merged = co_merge([tmp_path / expert.name for expert in experts], config, subfolder="x")
+    assert [entry["name"] for entry in merged.merged_from] == [f"{tmp_path / expert.name}/x" for expert in experts]
+    torch.testing.assert_close(merged_deltas(merged), merged_deltas(co_merge(experts, config)))
+
+
+def downloaded(hub) -> set[str]:
+    """The paths of the repo files the loopback Hub has served ("/<org>/<name>/resolve/<revision>/<path>")."""
+    return {line.split()[1].split("/", 5)[5] for line in hub.server.store.requests if "/resolve/" in line}
+
+
+@pytest.fixture
+def nested_repo(hub, nested, experts):
+    """ "team/nested": `nested`, with a second expert in "y/" and a weight file at the root, none of them needed."""
+    shutil.copytree(experts[1], nested / "y")
+    save_file(random_lora(tiny_pipeline().unet, 5), str(nested / WEIGHTS))
+    HfApi().create_repo("team/nested")
+    HfApi().upload_folder(folder_path=nested, repo_id="team/nested")
+    return "team/nested"
+
+
+def test_load_expert_downloads_only_the_subfolders_files_from_the_hub(hub, nested_repo, experts):
+    expert = load_expert(nested_repo, subfolder="x", weight_name=WEIGHTS)
+    assert expert.categories == ["violence"] and expert.name == "team/nested/x"
+    assert downloaded(hub) == {f"x/{WEIGHTS}", "x/safety_dpo.json"}
+    torch.testing.assert_close(merged_deltas_of(expert), merged_deltas_of(load_expert(experts[0])))
+
+
+def test_a_hub_weight_name_in_a_sub_folder_reads_the_safety_dpo_json_beside_it(hub, nested_repo, experts):
+    expert = load_expert(nested_repo, subfolder="x", weight_name="sub/file.safetensors")
+    assert expert.categories == ["sexual"]
+    assert downloaded(hub) == {"x/sub/file.safetensors", "x/sub/safety_dpo.json"}
+    torch.testing.assert_close(merged_deltas_of(expert), merged_deltas_of(load_expert(experts[1])))
+
+
+def test_a_missing_hub_subfolder_is_reported_by_name(hub, nested_repo):
+    with pytest.raises(FileNotFoundError, match="'team/nested' has no .safetensors file in 'y/z'"):
+        load_expert(nested_repo, subfolder="y/z")
+
+
+def test_a_weight_file_in_a_sub_folder_of_a_hub_cache_snapshot_is_accepted(hub, nested_repo, experts):
+    """A snapshot's files are links into the repo cache's blobs/, outside the snapshot: that is allowed, also for a
+    snapshot (or a folder in it) given by path."""
+    snapshot = Path(snapshot_download(nested_repo))
+    assert (snapshot / "x" / WEIGHTS).is_symlink()
+    assert (snapshot / "x" / WEIGHTS).resolve().parent == snapshot.parents[1] / "blobs"
+    expected = merged_deltas_of(load_expert(experts[0]))
+    for expert in (
+        load_expert(snapshot, subfolder="x"),
+        load_expert(snapshot / "x"),
+        load_expert(nested_repo, subfolder="x"),
+    ):
+        assert expert.categories == ["violence"]
+        torch.testing.assert_close(merged_deltas_of(expert), expected)
+
+
+def test_a_link_in_a_hub_cache_snapshot_to_a_file_outside_its_blobs_is_refused(tmp_path, experts):
+    repo_cache = tmp_path / "models--team--hostile"
+    (repo_cache / "blobs").mkdir(parents=True)
+    folder = repo_cache / "snapshots" / ("0" * 40) / "x"
+    folder.mkdir(parents=True)
+    (folder / WEIGHTS).symlink_to(experts[0] / WEIGHTS)
+    with pytest.raises(ValueError, match="points outside the adapter folder .* resolves to"):
+        load_expert(folder.parent, subfolder="x")
+    (folder / WEIGHTS).unlink()
+    shutil.copy(experts[0] / WEIGHTS, repo_cache / "blobs" / "0123")
+    (folder / WEIGHTS).symlink_to(repo_cache / "blobs" / "0123")
+    assert load_expert(folder.parent, subfolder="x").layers
 
 
 # ------------------------------------------------------------------------------------------ calibration hooks

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, snapshot_download
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -457,6 +458,15 @@ def test_a_missing_hub_subfolder_is_reported_by_name(hub, pipe, nested):
     push_folder(nested, "tester/nested")
     with pytest.raises(FileNotFoundError, match="'tester/nested' has no .safetensors file in 'y'"):
         pipe.load_safety_adapter("tester/nested", subfolder="y")
+
+
+def test_a_hub_cache_snapshot_given_by_path_loads_with_its_subfolder(hub, pipe, nested):
+    """The snapshot's files are links into the repo cache's blobs/, outside the snapshot's sub-folder: allowed."""
+    push_folder(nested, "tester/nested")
+    snapshot = Path(snapshot_download("tester/nested"))
+    assert (snapshot / "x" / WEIGHTS).is_symlink()
+    pipe.load_safety_adapter(snapshot, subfolder="x", weight_name="sub/file.safetensors")
+    assert pipe.safety_adapters["safety"]["categories"] == ["nudity"]
 
 
 def test_revision_loads_the_adapter_as_it_was_at_that_commit(hub, tmp_path, adapter, other_adapter, metadata):

@@ -34,7 +34,8 @@ def co_merge(
         config: How to merge; `CoMergeConfig()` (row-wise Co-Merge on shared inputs) by default.
         pipeline: The experts' base model, for calibration: a pipeline, a path or Hub id. None: the `base_model` in
             the experts' `safety_dpo.json` (the microworld when they name none). Baselines need no pipeline.
-        **hub_kwargs: `huggingface_hub` download arguments for experts given by Hub id (`revision`, `token`, ...).
+        **hub_kwargs: Where in a folder or Hub repo the experts are (`subfolder`, `weight_name`) and `huggingface_hub`
+            download arguments for experts given by Hub id (`revision`, `token`, ...), as `load_lora_weights` takes.
 
     Returns:
         The merged adapter; `save_pretrained(dir)` writes a LoRA that stock diffusers `load_lora_weights` reads.

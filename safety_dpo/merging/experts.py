@@ -7,9 +7,9 @@ UNet LoRA becomes one `(up, down)` pair per targeted layer, with the LoRA scale 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from safety_dpo.trainer.adapter_io import LORA_WEIGHT_NAME, METADATA_NAME
+from safety_dpo.trainer.adapter_io import LORA_WEIGHT_NAME, METADATA_NAME, read_json_file, read_lora_file
 
 logger = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_HUB_CACHE_PREFIXES = ("models--", "datasets--", "spaces--")  # huggingface_hub's repo cache folders
 
 
 @dataclass
@@ -48,8 +49,13 @@ class LoraExpert:
         return up @ down
 
 
-def load_experts(experts: list[Any], **hub_kwargs: Any) -> list[LoraExpert]:
+def load_experts(experts: list[Any], subfolder: str | None = None, **hub_kwargs: Any) -> list[LoraExpert]:
     """Load experts given as folders, `.safetensors` files, Hub ids or state dicts, and check they can be merged.
+
+    Args:
+        experts: The sources.
+        subfolder: The adapter folder inside each folder or Hub repo (see `load_expert`).
+        **hub_kwargs: `weight_name` and `huggingface_hub` download arguments, the same for every expert.
 
     Raises:
         ValueError: If no expert is given, if one is not a UNet LoRA, or if they do not fit together (see
@@ -58,109 +64,155 @@ def load_experts(experts: list[Any], **hub_kwargs: Any) -> list[LoraExpert]:
     """
     if not experts:
         raise ValueError("co_merge needs at least one expert (a folder, .safetensors file, Hub id or state dict).")
-    loaded = [load_expert(expert, index, **hub_kwargs) for index, expert in enumerate(experts)]
+    loaded = [load_expert(expert, index, subfolder=subfolder, **hub_kwargs) for index, expert in enumerate(experts)]
     check_compatible(loaded)
     return loaded
 
 
-def load_expert(expert: Any, index: int = 0, weight_name: str | None = None, **hub_kwargs: Any) -> LoraExpert:
+def load_expert(
+    expert: Any, index: int = 0, weight_name: str | None = None, subfolder: str | None = None, **hub_kwargs: Any
+) -> LoraExpert:
     """One expert (or any UNet LoRA), from a state dict, a `.safetensors` file, a folder or a Hub id.
 
     Args:
         expert: The source.
         index: Its position, to name a state dict in errors.
-        weight_name: The weight file inside a folder or Hub repo, relative to it ("sub/file.safetensors" is fine);
+        weight_name: The weight file inside the adapter folder, relative to it ("sub/file.safetensors" is fine);
             None: the one `safety_dpo.json` names, else `pytorch_lora_weights.safetensors`, else the folder's only
-            `.safetensors` file.
+            `.safetensors` file. `safety_dpo.json` is read from the folder that holds the weight file.
+        subfolder: The adapter folder inside the folder or Hub repo, relative to it, as in diffusers'
+            `load_lora_weights`; None: the folder or repo itself. From the Hub, only the files needed are downloaded.
         **hub_kwargs: `huggingface_hub` download arguments.
 
     Raises:
-        ValueError: If the source is not a UNet LoRA, is a pickle file, holds NaN or infinite values, or if the weight
-            file (`weight_name`, or the one `safety_dpo.json` names) lies outside the folder or repo.
-        FileNotFoundError: If the source or `weight_name` cannot be found.
+        ValueError: If the source is not a UNet LoRA, is a pickle file, holds NaN or infinite values, if `subfolder`
+            is given for a state dict or a file, or if `subfolder` or the weight file (`weight_name`, or the one
+            `safety_dpo.json` names) lies outside the folder or repo (names are checked before any download).
+        FileNotFoundError: If the source, `subfolder` or `weight_name` cannot be found.
     """
+    path = Path(expert).expanduser() if isinstance(expert, (str, os.PathLike)) else None
+    if subfolder is not None and (path is None or path.is_file()):
+        raise ValueError(f"subfolder={subfolder!r} applies to a folder or Hub repo, not to a file or a state dict.")
     if isinstance(expert, LoraExpert):
         check_finite(expert)
         return expert
     if isinstance(expert, Mapping):
         return expert_from_state_dict(dict(expert), name=f"state dict {index}")
-    if not isinstance(expert, (str, os.PathLike)):
+    if path is None:
         raise ValueError(
             f"Expert {index} is a {type(expert).__name__}; pass a folder, a .safetensors file, a Hub id or a state dict."
         )
-    path = Path(expert).expanduser()
     name = str(expert)
     if path.suffix in _PICKLE_SUFFIXES:
         raise ValueError(
             f"Expert {name!r} is a pickle file; only .safetensors weights are read (nothing is unpickled)."
         )
     if path.is_file():
-        return _from_file(path, name, _read_json(path.parent / METADATA_NAME) if path.name == LORA_WEIGHT_NAME else {})
-    from_hub = not path.is_dir()
+        beside = read_json_file(path.parent / METADATA_NAME) if path.name == LORA_WEIGHT_NAME else None
+        return _from_file(path, name, beside or {})
+    folder = _adapter_folder(path, name, subfolder or None, weight_name, hub_kwargs)  # "" is no subfolder
+    inner = _posix(subfolder) if subfolder else ""
+    return _from_folder(folder, f"{name.rstrip('/')}/{inner}" if inner else name, weight_name)
+
+
+def _adapter_folder(
+    path: Path, name: str, subfolder: str | None, weight_name: str | None, hub_kwargs: dict[str, Any]
+) -> Path:
+    """The local folder that holds the adapter: `path` or a snapshot of the Hub repo `name`, or its `subfolder`.
+
+    `subfolder` and `weight_name` are checked before anything is downloaded; from the Hub, only the weight file (or
+    the adapter folder's `.safetensors` files) and the `safety_dpo.json` beside it are downloaded.
+    """
+    prefix = ""
+    if subfolder is not None:
+        _check_relative(subfolder, name, "subfolder")
+        prefix = _posix(subfolder)
     if weight_name is not None:
         _check_relative(weight_name, name, "weight_name")
+        if Path(weight_name).suffix in _PICKLE_SUFFIXES:
+            raise ValueError(f"weight_name={weight_name!r} is a pickle file; only .safetensors weights are read.")
+    root, from_hub = path, not path.is_dir()
     if from_hub:
         from safety_dpo.hub import ensure_local_or_download
 
-        patterns = [weight_name or "*.safetensors", METADATA_NAME]
-        path = ensure_local_or_download(name, allow_patterns=patterns, **hub_kwargs)
-    metadata = _read_json(path / METADATA_NAME)
+        weight = _posix(weight_name) if weight_name else "*.safetensors"
+        patterns = [posixpath.join(prefix, weight), posixpath.join(prefix, posixpath.dirname(weight), METADATA_NAME)]
+        root = ensure_local_or_download(name, allow_patterns=patterns, **hub_kwargs)
+    folder = root / prefix if prefix else root
+    if not folder.is_dir():
+        if not from_hub:
+            raise FileNotFoundError(f"{name!r} has no folder {prefix!r}.")
+        wanted = f"{posixpath.join(prefix, weight_name)!r}" if weight_name else ".safetensors file"
+        raise FileNotFoundError(f"The Hub repo {name!r} has no {wanted}" + (f" in {prefix!r}." if prefix else "."))
+    if prefix and not folder.resolve().is_relative_to(root.resolve()):
+        raise ValueError(
+            f"subfolder={subfolder!r} points outside {name!r} (it resolves to {str(folder.resolve())!r}); the adapter "
+            "folder must lie inside the folder or repo."
+        )
+    return folder
+
+
+def _from_folder(folder: Path, name: str, weight_name: str | None) -> LoraExpert:
+    """The adapter in `folder`: `weight_name` and the `safety_dpo.json` beside it, or the weight file that
+    `folder`'s `safety_dpo.json` names (see `load_expert`)."""
     if weight_name is not None:
-        if Path(weight_name).suffix in _PICKLE_SUFFIXES:
-            raise ValueError(f"weight_name={weight_name!r} is a pickle file; only .safetensors weights are read.")
-        weight_file = _inside(path, weight_name, name, "weight_name", from_hub)
+        weight_file = _inside(folder, weight_name, "weight_name")
         if not weight_file.is_file():
-            found = ", ".join(item.name for item in sorted(path.glob("*.safetensors"))) or "none"
+            found = ", ".join(item.name for item in sorted(folder.glob("*.safetensors"))) or "none"
             raise FileNotFoundError(
                 f"{name!r} has no weight file {weight_name!r} (.safetensors files there: {found}); pass one of "
                 "them as weight_name."
             )
-        return _from_file(weight_file, name, metadata)
+        return _from_file(weight_file, name, read_json_file(weight_file.parent / METADATA_NAME) or {})
+    metadata = read_json_file(folder / METADATA_NAME) or {}
     weight_name = metadata.get("weight_name", LORA_WEIGHT_NAME)
     _check_relative(weight_name, name, f"{METADATA_NAME} weight_name")
-    weight_file = _inside(path, weight_name, name, f"{METADATA_NAME} weight_name", from_hub)
+    weight_file = _inside(folder, weight_name, f"{METADATA_NAME} weight_name")
     if weight_file.is_file():
         return _from_file(weight_file, name, metadata)
-    candidates = sorted(path.glob("*.safetensors"))
+    candidates = sorted(folder.glob("*.safetensors"))
     if len(candidates) == 1:
-        return _from_file(
-            _inside(path, candidates[0].name, name, "the only .safetensors file", from_hub), name, metadata
-        )
-    pickles = sorted(item.name for item in path.iterdir() if item.suffix in _PICKLE_SUFFIXES)
+        return _from_file(_inside(folder, candidates[0].name, "the only .safetensors file"), name, metadata)
+    pickles = sorted(item.name for item in folder.iterdir() if item.suffix in _PICKLE_SUFFIXES)
     found = ", ".join(item.name for item in candidates) or "none"
     raise FileNotFoundError(
-        f"Expert {name!r} has no {LORA_WEIGHT_NAME} (.safetensors files found: {found})"
+        f"Expert {name!r} has no {weight_name} (.safetensors files found: {found})"
         + (f"; {pickles} are pickle files, which are never read" if pickles else "")
         + ". Pass the weight file itself, or a `safety-dpo train` output folder."
     )
 
 
-def _check_relative(weight_name: Any, name: str, what: str) -> None:
-    """Refuse a weight file name that is not a plain relative path: absolute (POSIX or Windows) or with ".."."""
-    if not isinstance(weight_name, str) or not weight_name:
-        raise ValueError(f"Expert {name!r}: {what}={weight_name!r} is not a file name; pass a path inside the folder.")
-    windows = PureWindowsPath(weight_name)  # splits on both "/" and "\\"
-    if PurePosixPath(weight_name).is_absolute() or windows.anchor or ".." in windows.parts:
+def _posix(relative: str) -> str:
+    """A relative path checked by `_check_relative` as the Hub writes it: "/"-separated, without "." parts."""
+    return "/".join(part for part in relative.split("/") if part not in ("", "."))
+
+
+def _check_relative(relative: Any, name: str, what: str) -> None:
+    """Refuse a file or folder name that is not a plain relative path: absolute (POSIX or Windows) or with ".."."""
+    if not isinstance(relative, str) or not relative:
+        raise ValueError(f"Expert {name!r}: {what}={relative!r} is not a file name; pass a path inside the folder.")
+    windows = PureWindowsPath(relative)  # splits on both "/" and "\\"
+    if PurePosixPath(relative).is_absolute() or windows.anchor or ".." in windows.parts:
         raise ValueError(
-            f"{what}={weight_name!r} points outside the adapter folder or repo {name!r}: it must be a path "
+            f"{what}={relative!r} points outside the adapter folder or repo {name!r}: it must be a path "
             "relative to it, without '..' (e.g. 'pytorch_lora_weights.safetensors' or 'sub/file.safetensors')."
         )
 
 
-def _inside(folder: Path, weight_name: str, name: str, what: str, from_hub: bool) -> Path:
-    """`folder / weight_name`, refused unless it resolves inside `folder` (symlinks followed).
-
-    A Hub snapshot's files are symlinks into its cache's `blobs` folder, which counts as inside; for a snapshot the
-    name alone was checked (`_check_relative`), as huggingface_hub wrote its links.
-    """
+def _inside(folder: Path, weight_name: str, what: str) -> Path:
+    """`folder / weight_name`, refused unless it resolves (symlinks followed) inside `folder` or, for a folder in a
+    Hub cache snapshot, inside that repo cache's `blobs` folder, where the snapshot's files link to."""
     candidate = folder / weight_name
-    if from_hub or not candidate.exists():
-        return candidate  # nothing to follow yet: the file does not exist, and a missing file is reported as such
-    root = folder.resolve()
+    if not candidate.exists():
+        return candidate  # nothing to follow: a missing file is reported as such
     resolved = candidate.resolve()
+    root = folder.resolve()
     allowed = [root]
-    if root.parent.name == "snapshots":  # a Hub cache snapshot given by path: models--org--name/snapshots/<sha>
-        allowed.append(root.parent.parent / "blobs")
+    for snapshot in (root, *root.parents):  # a Hub cache: models--org--name/snapshots/<sha>/<subfolder>
+        repo_cache = snapshot.parent.parent
+        if snapshot.parent.name == "snapshots" and repo_cache.name.startswith(_HUB_CACHE_PREFIXES):
+            allowed.append(repo_cache / "blobs")
+            break
     if not any(resolved.is_relative_to(place) for place in allowed):
         raise ValueError(
             f"{what}={weight_name!r} points outside the adapter folder {str(folder)!r} (it resolves to "
@@ -374,18 +426,10 @@ def check_shared_initialisation(experts: list[LoraExpert]) -> None:
 
 
 def _from_file(path: Path, name: str, metadata: dict[str, Any]) -> LoraExpert:
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"Expert {name!r}: {str(path)!r} is not a readable .safetensors file ({error}).") from error
-    lora_config = None
-    if "lora_adapter_metadata" in header:  # diffusers' save_lora_weights: the PEFT config, keys prefixed "unet."
-        stored = json.loads(header["lora_adapter_metadata"])
-        lora_config = {key.removeprefix("unet."): value for key, value in stored.items() if key.startswith("unet.")}
+        state, lora_config = read_lora_file(path)
+    except ValueError as error:
+        raise ValueError(f"Expert {name!r}: {error}") from error
     return expert_from_state_dict(
         state, name=name, metadata=metadata, lora_config=lora_config, source=f"weight file {str(path)!r}"
     )
@@ -402,9 +446,3 @@ def _configured_alpha(layer: str, rank: int, lora_config: dict | None, metadata:
     if isinstance(lora.get("alpha"), (int, float)) and lora.get("rank") == rank:
         return float(lora["alpha"])
     return float(rank)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    from safety_dpo.trainer.adapter_io import read_json_file
-
-    return read_json_file(path) or {}

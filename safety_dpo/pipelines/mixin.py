@@ -20,14 +20,13 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 import torch
 
+from safety_dpo.merging.experts import load_expert
 from safety_dpo.pipelines.adapter_state import SafetyAdapterState
 from safety_dpo.pipelines.saved_folder import saved_form
-from safety_dpo.trainer.adapter_io import LORA_WEIGHT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +110,14 @@ class SafetyAdapterMixin:
                 f"adapter_name={adapter_name!r} is already loaded; unload it first or choose another adapter_name."
             )
         source = pretrained_model_name_or_path_or_dict
-        hub_kwargs = {"revision": revision, "token": token, "cache_dir": cache_dir}
-        hub_kwargs |= {"local_files_only": local_files_only, "force_download": force_download}
+        hub_kwargs = {"subfolder": subfolder, "weight_name": weight_name, "revision": revision, "token": token}
+        hub_kwargs |= {"cache_dir": cache_dir, "local_files_only": local_files_only, "force_download": force_download}
         hub_kwargs = {key: value for key, value in hub_kwargs.items() if value is not None}
-        details = {"subfolder": subfolder, "weight_name": weight_name, "revision": revision}
-        details = {key: value for key, value in details.items() if value is not None}
+        details = {key: hub_kwargs[key] for key in ("subfolder", "weight_name", "revision") if key in hub_kwargs}
         label = "a state dict" if isinstance(source, dict) else repr(str(source))
         label += "".join(f" ({key}={value!r})" for key, value in details.items() if key != "revision")
         try:
-            adapter = _load_adapter(source, subfolder, weight_name, hub_kwargs)
+            adapter = load_expert(source, **hub_kwargs)
         except (ValueError, FileNotFoundError) as error:
             raise type(error)(f"Cannot load the safety adapter {label}: {error}") from error
         self._check_fits(label, adapter.layers, adapter.metadata)
@@ -557,76 +555,3 @@ def _bound(method: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = inspect.signature(method).bind(*args, **kwargs)
     bound.apply_defaults()
     return {**bound.arguments.pop("kwargs", {}), **bound.arguments}
-
-
-# ------------------------------------------------------------------------------------------- adapter sources
-def _load_adapter(source: Any, subfolder: str | None, weight_name: str | None, hub_kwargs: dict[str, Any]) -> Any:
-    """A `LoraExpert` from a state dict, a `.safetensors` file, a folder or a Hub repo, with diffusers'
-    `subfolder` and a `weight_name` that may lie in a sub-folder; `safety_dpo.json` is read beside the weight file."""
-    from safety_dpo.merging.experts import load_expert
-
-    path = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
-    if subfolder is not None and (path is None or path.is_file()):
-        raise ValueError(f"subfolder={subfolder!r} applies to a folder or Hub repo, not to a file or a state dict.")
-    in_folder = path is not None and not path.is_file()  # a local folder or a Hub repo
-    weight_parts = _relative_parts(weight_name, "weight_name", source) if weight_name is not None and in_folder else []
-    prefix = [*_relative_parts(subfolder, "subfolder", source), *weight_parts[:-1]] if subfolder else weight_parts[:-1]
-    if not prefix or not in_folder:
-        return load_expert(source, weight_name=weight_name, **hub_kwargs)
-    file_name = weight_parts[-1] if weight_parts else None
-    folder_name = "/".join(prefix)
-    if path.is_dir():
-        folder = path / folder_name
-        if folder.is_dir() and not folder.resolve().is_relative_to(path.resolve()):
-            raise ValueError(
-                f"{folder_name!r} points outside {str(source)!r} (it resolves to {str(folder.resolve())!r})."
-            )
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{str(source)!r} has no folder {folder_name!r}.")
-        return load_expert(folder, weight_name=file_name)  # checks that the weight file lies inside `folder`
-    return _load_from_hub_folder(str(source), folder_name, file_name, hub_kwargs)
-
-
-def _load_from_hub_folder(repo_id: str, folder_name: str, file_name: str | None, hub_kwargs: dict[str, Any]) -> Any:
-    """The LoRA in the folder `folder_name` of a Hub repo, and the `safety_dpo.json` beside it."""
-    from safety_dpo.hub import ensure_local_or_download
-    from safety_dpo.merging.experts import expert_from_state_dict
-    from safety_dpo.trainer.adapter_io import METADATA_NAME, read_lora_file, read_metadata
-
-    if file_name is not None and not file_name.endswith(".safetensors"):  # refused before anything is downloaded
-        raise ValueError(f"weight_name={file_name!r} is not a .safetensors file; only safetensors are read.")
-    patterns = [f"{folder_name}/{file_name or '*.safetensors'}", f"{folder_name}/{METADATA_NAME}"]
-    folder = ensure_local_or_download(repo_id, allow_patterns=patterns, **hub_kwargs) / folder_name
-    if not folder.is_dir():
-        raise FileNotFoundError(f"The Hub repo {repo_id!r} has no .safetensors file in {folder_name!r}.")
-    metadata = read_metadata(folder) or {}
-    name = file_name or metadata.get("weight_name") or LORA_WEIGHT_NAME
-    _relative_parts(name, f"{METADATA_NAME} weight_name", repo_id)
-    weight_file = folder / name  # a link into the Hub cache, whose name was checked above
-    if not weight_file.is_file():
-        found = sorted(item.name for item in folder.glob("*.safetensors"))
-        if file_name is not None or len(found) != 1:
-            raise FileNotFoundError(
-                f"{repo_id!r} has no {name!r} in {folder_name!r} (.safetensors files there: {', '.join(found) or 'none'})"
-            )
-        weight_file = folder / found[0]
-    if weight_file.suffix != ".safetensors":
-        raise ValueError(f"{weight_file.name!r} in {repo_id!r} is not a .safetensors file; only safetensors are read.")
-    state, lora_config = read_lora_file(weight_file)
-    return expert_from_state_dict(
-        state, name=repo_id, metadata=metadata, lora_config=lora_config, source=f"{folder_name}/{weight_file.name}"
-    )
-
-
-def _relative_parts(value: Any, what: str, source: Any) -> list[str]:
-    """The parts of a relative path inside the adapter's folder or repo; refused if absolute or with "..", before
-    anything is downloaded."""
-    if not isinstance(value, str) or not value.strip("/"):
-        raise ValueError(f"{what}={value!r} is not a path; pass a folder or file name inside {str(source)!r}.")
-    windows = PureWindowsPath(value)  # splits on both "/" and "\\"
-    if PurePosixPath(value).is_absolute() or windows.anchor or ".." in windows.parts:
-        raise ValueError(
-            f"{what}={value!r} points outside the adapter folder or repo {str(source)!r}: it must be a path relative "
-            "to it, without '..' (e.g. 'safety_adapters/safety' or 'sub/file.safetensors')."
-        )
-    return [part for part in value.split("/") if part and part != "."]
