@@ -27,18 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write a CoProV2 dataset in Pick-a-Pic's layout, which diffusers' train_diffusion_dpo.py reads."""
-    import datasets
-
     from safety_dpo.data.pickapic import to_pickapic
+    from safety_dpo.trainer.experts import load_pairs
 
-    path = Path(args.dataset).expanduser()
-    if path.exists():
-        source = datasets.load_from_disk(str(path))
-    else:
-        source = datasets.load_dataset(args.dataset)
-    if isinstance(source, datasets.Dataset):
-        source = datasets.DatasetDict({"train": source})
-    exported = to_pickapic(source)
+    exported = to_pickapic(load_pairs(args.dataset, split=None))  # every split; a damaged folder is named
     output_dir = Path(args.output_dir)
     written = [output_dir / "data" / f"{split}-00000-of-00001.parquet" for split in exported]
     existing = [str(file) for file in written if file.exists()]

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_pairs(dataset: Any, split: str = "train"):
-    """A CoProV2 split from a `build-data` folder (`load_from_disk`), a saved `Dataset`, or a Hub id."""
+def load_pairs(dataset: Any, split: str | None = "train"):
+    """A CoProV2 split from a `build-data` folder (`load_from_disk`), a saved `Dataset`, or a Hub id; with
+    `split=None`, every split as a `DatasetDict` (a saved `Dataset` as its "train" split)."""
     import datasets
 
     if not isinstance(dataset, (str, os.PathLike)):
@@ -36,11 +37,14 @@ def load_pairs(dataset: Any, split: str = "train"):
     path = Path(dataset).expanduser()
     if (path / "dataset_dict.json").is_file():
         splits = _load_from_disk(path)
+        if split is None:
+            return splits
         if split not in splits:
             raise ValueError(f"Dataset {str(path)!r} has no {split!r} split; it has {sorted(splits)}.")
         return splits[split]
     if (path / "dataset_info.json").is_file():
-        return _load_from_disk(path)
+        single = _load_from_disk(path)
+        return datasets.DatasetDict({"train": single}) if split is None else single
     if path.exists():
         raise ValueError(f"{str(path)!r} is neither a `build-data` output folder nor a saved datasets.Dataset.")
     return datasets.load_dataset(str(dataset), split=split)
