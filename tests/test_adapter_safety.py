@@ -3,7 +3,6 @@ files outside the adapter folder are refused, and user or dataset values come ou
 
 from __future__ import annotations
 
-import json
 import math
 import re
 
@@ -13,13 +12,11 @@ import yaml
 from huggingface_hub import DatasetCard, ModelCard
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
-from tiny_models import get_dummy_sd_components, random_unet_lora
+from tiny_models import WEIGHTS, get_dummy_sd_components, random_unet_lora, write_adapter
 
 from safety_dpo.hub import markdown_code, push_folder, render_dataset_card, render_model_card
 from safety_dpo.merging.experts import LoraExpert, load_expert
 from safety_dpo.pipelines.safe_pipelines import StableDiffusionSafePipeline, enable_safety_adapters
-
-WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -27,14 +24,6 @@ def sd_pipeline(dtype: torch.dtype = torch.float32) -> StableDiffusionSafePipeli
     pipeline = StableDiffusionSafePipeline(**get_dummy_sd_components(), requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(dtype=dtype)
-
-
-def write_adapter(directory, state: dict[str, torch.Tensor], name: str = WEIGHTS, **metadata):
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / name))
-    if metadata:
-        (directory / "safety_dpo.json").write_text(json.dumps(metadata))
-    return directory
 
 
 def unet_weights(unet) -> dict[str, torch.Tensor]:

@@ -20,14 +20,19 @@ from diffusers import (
 from huggingface_hub import HfApi, snapshot_download
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from safetensors.torch import save_file
-from tiny_models import attention_layers, get_dummy_sd_components, get_dummy_sdxl_components, random_unet_lora
+from tiny_models import (
+    WEIGHTS,
+    attention_layers,
+    get_dummy_sd_components,
+    get_dummy_sdxl_components,
+    random_unet_lora,
+    write_adapter,
+)
 
 from safety_dpo.data.generation import config_digest
 from safety_dpo.hub import push_folder
 from safety_dpo.pipelines import StableDiffusionSafePipeline, StableDiffusionXLSafePipeline, enable_safety_adapters
 
-WEIGHTS = "pytorch_lora_weights.safetensors"
 SAVED = "safety_adapters/safety"  # where save_pretrained puts an unfused adapter named "safety"
 
 
@@ -41,14 +46,6 @@ def sd_pipeline() -> StableDiffusionSafePipeline:
 def loaded(pipeline):
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def write_adapter(directory, state: dict[str, torch.Tensor], name: str = WEIGHTS, **metadata):
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / name))
-    if metadata:
-        (directory / "safety_dpo.json").write_text(json.dumps(metadata))
-    return directory
 
 
 def latents(pipeline) -> torch.Tensor:

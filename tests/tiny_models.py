@@ -9,10 +9,12 @@ Images are 32 x 32: the UNet works on 16 x 16 latents and the two-block VAE upsa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
@@ -23,6 +25,9 @@ TEXT_HIDDEN_SIZE_2 = 48  # SDXL's second text encoder; unlike the first so that 
 TEXT_PROJECTION_DIM_2 = 24  # SDXL's pooled prompt embedding
 ADDITION_TIME_EMBED_DIM = 8
 NUM_ADD_TIME_IDS = 6  # SDXL micro-conditioning: original size, crop top-left, target size, two numbers each
+
+
+WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
 
 
 def load_fixture_tokenizer() -> CLIPTokenizer:
@@ -215,6 +220,15 @@ def attention_layers(unet, suffixes: tuple[str, ...] = ATTENTION_PROJECTIONS) ->
         for name, module in unet.named_modules()
         if isinstance(module, torch.nn.Linear) and ".attn" in name and name.endswith(suffixes)
     }
+
+
+def write_adapter(directory: Path, state: dict[str, torch.Tensor], name: str = WEIGHTS, **metadata) -> Path:
+    """Save a LoRA state dict as `directory/name`, with `metadata` as its safety_dpo.json when given."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / name))
+    if metadata:
+        (directory / "safety_dpo.json").write_text(json.dumps(metadata))
+    return directory
 
 
 def random_unet_lora(
