@@ -12,9 +12,9 @@ One row per (prompt pair, image seed):
 | `category`, `concept` | string | the harm category and concept the unsafe prompt names |
 | `seed` | int64 | the seed of both images' initial noise |
 
-The images are `datasets.Image` features, so they show in the Hub's viewer and decode to PIL images. Scripts that
-want the PNG bytes, as Pick-a-Pic's raw columns hold them, cast with `raw_bytes_features()`:
-`dataset.cast_column("jpg_0", datasets.Image(decode=False))` gives `{"bytes": ..., "path": None}` dicts.
+The images are `datasets.Image` features, so they show in the Hub's viewer and decode to PIL images. Casting with
+`raw_bytes_features()` leaves them undecoded, as `{"bytes": ..., "path": None}` dicts; scripts that want the bare
+PNG bytes of Pick-a-Pic's columns (diffusers' `train_diffusion_dpo.py`) need `data.pickapic.to_pickapic`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def coprov2_features():
 
 
 def raw_bytes_features():
-    """`coprov2_features()` with undecoded images: `dataset.cast(raw_bytes_features())` yields PNG bytes."""
+    """`coprov2_features()` with undecoded images: `dataset.cast(raw_bytes_features())` yields `{"bytes", "path"}`
+    dicts, not Pick-a-Pic's bare bytes (`data.pickapic.to_pickapic` writes those)."""
     import datasets
 
     features = coprov2_features()
