@@ -105,6 +105,8 @@ def align(
     Returns:
         The summary: per stage its wall time, the adapter's folder, and the headline evaluation numbers.
     """
+    from safety_dpo.trainer.config import given_training_flags
+
     output_dir = Path(output_dir)
     training_settings = {
         **(PAPER_TRAINING if model is not None else MICROWORLD_TRAINING),
@@ -199,29 +201,6 @@ def _align(
 
         summary["pushed"] = push_folder(adapter_dir, push_to_hub, commit_message="Upload SafetyDPO safety adapter")
     return summary
-
-
-def given_training_flags(flags: Sequence[str]) -> dict[str, Any]:
-    """The `SafetyDPOConfig` fields that command-line flags set, and only those (unlike a plain parse, which also
-    returns every default), so that they can go over the alignment's own defaults.
-
-    Raises:
-        ValueError: For a flag `SafetyDPOConfig` does not know.
-    """
-    import argparse
-
-    from transformers import HfArgumentParser
-
-    from safety_dpo.trainer.config import SafetyDPOConfig
-
-    parser = HfArgumentParser(SafetyDPOConfig)
-    parser.allow_abbrev = False  # "--learning_rat" is a typo, not "--learning_rate"
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    namespace, unknown = parser.parse_known_args([*flags, "--output_dir", "unused"])
-    if unknown:
-        raise ValueError(f"Unknown training flags {unknown}; see `safety-dpo train --help` and SafetyDPOConfig.")
-    return {key: value for key, value in vars(namespace).items() if key != "output_dir"}
 
 
 # -------------------------------------------------------------------------------------------------- stages, state

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 import safety_dpo.align as align_module
-from safety_dpo.align import align, given_training_flags
+from safety_dpo.align import align
 from safety_dpo.cli import main
+from safety_dpo.trainer.config import given_training_flags
 
 CATEGORIES = ["sexual", "violence"]
 REDUCED = {

@@ -312,3 +312,23 @@ def test_an_experts_card_loads_it_from_its_folder_with_no_placeholder(tmp_path):
     card = (tmp_path / "expert" / "README.md").read_text()
     assert f"pipe.load_safety_adapter({json.dumps(str(tmp_path / 'expert'))})" in card
     assert "<base-model-id>" not in card and "<this-repo-id>" not in card
+
+
+# ------------------------------------------------------------------------------------------------------ config flags
+def test_train_experts_takes_config_flags_under_its_keywords_and_refuses_unknown_ones(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from safety_dpo.trainer.experts import train_experts
+
+    StableDiffusionPipeline(**get_dummy_sd_components()).save_pretrained(tmp_path / "model")
+    settings = {"model": str(tmp_path / "model"), "category": "violence", "max_steps": 1, "report_to": "none",
+                "per_device_train_batch_size": 2, "use_cpu": True, "disable_tqdm": True}  # fmt: skip
+    with pytest.raises(ValueError, match=r"Unknown training flags \['--bta', '9'\]"):
+        train_experts(tiny_pairs(), tmp_path / "bad", config_flags=["--bta", "9"], **settings)
+    assert not (tmp_path / "bad").exists()
+    (expert,) = train_experts(
+        tiny_pairs(), tmp_path / "expert", config_flags=["--beta", "1000", "--rank", "2"], rank=4, **settings
+    )
+    training = json.loads((expert / METADATA_NAME).read_text())
+    assert training["training"]["beta"] == 1000.0  # the flag
+    assert training["lora"]["rank"] == 4  # a keyword wins over a flag

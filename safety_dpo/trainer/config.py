@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -342,3 +343,24 @@ def _has_accelerator() -> bool:
     import torch
 
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def given_training_flags(flags: Sequence[str]) -> dict[str, Any]:
+    """The `SafetyDPOConfig` fields that command-line flags set, and only those (unlike a plain parse, which also
+    returns every default), so that they can go over a run's own defaults (`align`'s, `train_experts`' keywords).
+
+    Raises:
+        ValueError: For a flag `SafetyDPOConfig` does not know.
+    """
+    import argparse
+
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(SafetyDPOConfig)
+    parser.allow_abbrev = False  # "--learning_rat" is a typo, not "--learning_rate"
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace, unknown = parser.parse_known_args([*flags, "--output_dir", "unused"])
+    if unknown:
+        raise ValueError(f"Unknown training flags {unknown}; see `safety-dpo train --help` and SafetyDPOConfig.")
+    return {key: value for key, value in vars(namespace).items() if key != "output_dir"}

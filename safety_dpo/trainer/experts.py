@@ -119,9 +119,7 @@ def train_experts(
             without a `category` column, or a directory whose finished expert or last checkpoint recorded other
             training settings (listing them).
     """
-    from transformers import HfArgumentParser
-
-    from safety_dpo.trainer.config import SafetyDPOConfig
+    from safety_dpo.trainer.config import SafetyDPOConfig, given_training_flags
     from safety_dpo.trainer.data import effective_prompt_condition
     from safety_dpo.trainer.trainer import SafetyDPOTrainer, expert_training_settings
 
@@ -130,7 +128,7 @@ def train_experts(
         raise ValueError(
             "Choose at most one of category, categories or all_categories; none trains one expert on every pair."
         )
-    flag_settings = _parse_flags(HfArgumentParser(SafetyDPOConfig), config_flags or [])  # bad flags fail first
+    flag_settings = given_training_flags(config_flags or [])  # bad flags fail first
     pairs = load_pairs(dataset)
     plan = _expert_plan(pairs, category, categories, all_categories, output_dir)
     requested = {**flag_settings, **config_kwargs}.get("prompt_condition", SafetyDPOConfig.prompt_condition)
@@ -282,12 +280,3 @@ def _base_model_name(model: Any) -> str:
     if isinstance(model, (str, os.PathLike)):
         return str(model)
     return str(getattr(model, "name_or_path", None) or type(model).__name__)
-
-
-def _parse_flags(parser, flags: list[str]) -> dict[str, Any]:
-    """`SafetyDPOConfig` fields from command-line flags; unknown flags are an error naming them."""
-    parser.allow_abbrev = False  # "--learning_rat" is a typo, not "--learning_rate"
-    namespace, unknown = parser.parse_known_args([*flags, "--output_dir", "unused"])
-    if unknown:
-        raise ValueError(f"Unknown training flags {unknown}; see `safety-dpo train --help` and SafetyDPOConfig.")
-    return {key: value for key, value in vars(namespace).items() if key != "output_dir"}
