@@ -13,6 +13,7 @@ NAME = "evaluate"
 # torch (a test checks both lists against the library's).
 _FID_FEATURES = ("inception", "clip", "judge")
 _PROTOCOLS = ("microworld", "i2p", "safetydpo")
+_METHODS = ("sld-weak", "sld-medium", "sld-strong", "sld-max")  # safety_dpo.baselines.sld.METHODS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -20,8 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         NAME,
         help="Measure IP, FID and CLIPScore of a model, with and without a safety adapter.",
         description="Generate images for a prompt set with the base model and, with --safety-adapter, with the "
-        "adapter fused; score them (inappropriate probability: an image counts if any detector flags it; FID; "
-        "CLIPScore, or the judge's prompt fidelity in the microworld) and write results.json, report.md, image grids "
+        "adapter fused (or, with --method, with a sampling-time baseline); score them (inappropriate probability: an "
+        "image counts if any detector flags it; FID; CLIPScore, or the judge's prompt fidelity in the microworld) and "
+        "write results.json, report.md, image grids "
         "and IP charts to OUTPUT_DIR. Images and scores are cached there: a rerun resumes and draws nothing twice. "
         "Under `accelerate launch` or `torchrun` the drawing is split across processes. The microworld when no "
         "model is named.",
@@ -29,6 +31,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model", help="Path or Hub id of a diffusers text-to-image pipeline (default: microworld).")
     parser.add_argument("--safety-adapter", help="Path or Hub id of a safety adapter to compare with the base model.")
     parser.add_argument("--safety-scale", type=float, default=1.0, help="The adapter's weight (default 1.0).")
+    parser.add_argument(
+        "--method",
+        choices=_METHODS,
+        help="Compare the base model with a sampling-time baseline instead of an adapter: Safe Latent Diffusion "
+        "(Schramowski et al., CVPR 2023) with the paper's weak, medium, strong or max preset, its warm-up scaled to "
+        "the steps. Not with --safety-adapter.",
+    )
+    parser.add_argument(
+        "--safety-concept",
+        help="With --method: the text SLD guides away from (default: in the microworld the harmful concepts' trained "
+        "names, else SLD's published concept).",
+    )
     parser.add_argument(
         "--protocol",
         choices=_PROTOCOLS,
@@ -131,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         prompt_column=args.prompt_column,
         torch_dtype=getattr(torch, args.dtype) if args.dtype else None,
+        method=args.method,
+        safety_concept=args.safety_concept,
     )
     if not results:  # not the main process
         return 0

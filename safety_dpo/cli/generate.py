@@ -8,6 +8,7 @@ from pathlib import Path
 NAME = "generate"
 
 _PNG_KEY = "safety_dpo"  # the PNG text chunk in which `generate` records what drew an image
+_METHODS = ("sld-weak", "sld-medium", "sld-strong", "sld-max")  # safety_dpo.baselines.sld.METHODS, without torch
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,6 +26,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model", help="Path or Hub id of a diffusers text-to-image pipeline (default: microworld).")
     parser.add_argument("--safety-adapter", help="Path or Hub id of a safety adapter (fused into the model).")
     parser.add_argument("--safety-scale", type=float, default=1.0, help="The adapter's weight (default 1.0).")
+    parser.add_argument(
+        "--method",
+        choices=_METHODS,
+        help="Draw with Safe Latent Diffusion (Schramowski et al., CVPR 2023) at the paper's weak, medium, strong or "
+        "max preset, its warm-up scaled to the steps (Stable Diffusion 1.x/2.x pipelines).",
+    )
+    parser.add_argument(
+        "--safety-concept",
+        help="With --method: the text SLD guides away from (default: in the microworld the harmful concepts' trained "
+        "names, else SLD's published concept).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the first image of each prompt.")
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--num-inference-steps", type=int, help="Denoising steps (default: the model's).")
@@ -49,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be at least 1, got {args.images_per_prompt}.")
     check_sampler(args.num_inference_steps, args.guidance_scale, None, args.safety_scale)
+    if args.safety_concept is not None and args.method is None:
+        raise ValueError("--safety-concept is SLD's; it needs --method sld-....")
     # The adapter is read and checked before anything is drawn, and identified by its content.
     adapter_sha256 = adapter_content_digest(args.safety_adapter) if args.safety_adapter else None
     pipe, model_id = load_text_to_image_pipeline(args.model, {})
@@ -67,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         settings["guidance_scale"] = args.guidance_scale
     if args.safety_adapter:
         enable_safety_adapters(pipe).load_safety_adapter(args.safety_adapter, scale=args.safety_scale, fuse=True)
+    draw, method = _drawing(pipe, args, settings)
     record = {
         "model": model_id,
         "safety_adapter": args.safety_adapter,
@@ -74,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "safety_scale": args.safety_scale if args.safety_adapter else None,
         "scheduler": type(pipe.scheduler).__name__,
         **settings,
+        **({"method": method} if method is not None else {}),  # images drawn before methods existed stay valid
     }
     output_dir = Path(args.output_dir)
     planned = [
@@ -97,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         for path, key in planned:
             if not path.is_file():  # resumable: an image already drawn with these settings is kept
                 generator = torch.Generator("cpu").manual_seed(key["seed"])
-                image = pipe(key["prompt"], generator=generator, **settings).images[0]
+                image = draw(key["prompt"], generator=generator, **settings).images[0]
                 metadata = PngInfo()
                 metadata.add_text(_PNG_KEY, json.dumps(key, sort_keys=True))
                 temporary = path.with_name(f".{path.name}.tmp")
@@ -107,6 +123,29 @@ def run(args: argparse.Namespace) -> int:
         write_json(output_dir / "images.json", {**record, "images": written})
     print(f"{len(written)} images in {output_dir} (images.json lists prompt and seed of each).")
     return 0
+
+
+def _drawing(pipe, args: argparse.Namespace, settings: dict):
+    """The callable that draws one prompt (the pipeline, or SLD with `--method`) and the method's record (None)."""
+    if args.method is None:
+        return pipe, None
+    from functools import partial
+
+    from safety_dpo.baselines.sld import (
+        check_sld_pipeline,
+        default_safety_concept,
+        generate_sld,
+        method_record,
+        sld_config,
+    )
+    from safety_dpo.worlds import default_world
+
+    check_sld_pipeline(pipe)
+    concept = args.safety_concept
+    if concept is None:
+        concept = default_safety_concept(default_world().taxonomy() if args.model is None else None)
+    method = method_record(args.method, concept, settings.get("num_inference_steps"))
+    return partial(generate_sld, pipe, config=sld_config(args.method), safety_concept=concept, progress=False), method
 
 
 def _png_record(path) -> dict:

@@ -1,10 +1,12 @@
-"""The benchmark runner: generate with the base model (and with a safety adapter), score, and report.
+"""The benchmark runner: generate with the base model (and with a safety adapter or a sampling method), score, and
+report.
 
 `run_evaluation` (and `safety-dpo evaluate`) does, in order:
 
 1. reads the prompt set (`load_prompt_set`) and plans one job per (prompt, image k, seed);
-2. draws the images that are not yet on disk, base model first, then with the safety adapter fused, split across
-   processes under `accelerate launch` / `torchrun` (cache.py: nothing is drawn twice, unreadable images again);
+2. draws the images that are not yet on disk, base model first, then with the safety adapter fused (or with a
+   sampling method such as SLD, `safety_dpo.baselines.sld`), split across processes under `accelerate launch` /
+   `torchrun` (cache.py: nothing is drawn twice, unreadable images again);
 3. on the main process, scores every image with each detector (IP, cached per image), extracts FID features,
    measures CLIPScore or, in the microworld, the judge's prompt fidelity;
 4. writes `results.json` (every number with the protocol that produced it), `report.md`, image grids and charts
@@ -63,8 +65,10 @@ def run_evaluation(
     device: str | None = None,
     targeted_categories: Sequence[str] | None = None,
     progress: bool = True,
+    method: str | None = None,
+    safety_concept: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a text-to-image model, and the same model with a safety adapter, on a prompt set.
+    """Evaluate a text-to-image model, and the same model with a safety adapter or a sampling method, on a prompt set.
 
     Args:
         output_dir: Where images, scores and reports go; an interrupted run resumes there.
@@ -100,6 +104,11 @@ def run_evaluation(
             of every other category, which it should leave as it was); None: the `categories` of the adapter's
             `safety_dpo.json`.
         progress: Show progress bars.
+        method: A baseline sampling method to compare with the base model instead of an adapter: "sld-weak",
+            "sld-medium", "sld-strong" or "sld-max" (Safe Latent Diffusion's presets, `safety_dpo.baselines.sld`),
+            drawn with the base's prompts, seeds and sampler as the "aligned" variant. None: none.
+        safety_concept: SLD's safety concept; None: in the microworld the trained names of the harmful concepts of
+            `targeted_categories` (all when None), else SLD's published concept text.
 
     Returns:
         The results (also written to `OUTPUT_DIR/results.json`) on the main process; an empty dict on the others.
@@ -110,6 +119,7 @@ def run_evaluation(
 
     output_dir = Path(output_dir)
     is_microworld = model is None
+    method_settings = _method_settings(method, safety_adapter, safety_concept, is_microworld, targeted_categories)
     detector_options = detector_options or {}
     given = {
         "prompts": prompts if not isinstance(prompts, PromptSet) else None,
@@ -154,7 +164,9 @@ def run_evaluation(
     scorers = load_scorers(detectors, detector_options, is_microworld, fid_features, clip_model)
     generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler)
     jobs = plan_jobs(prompt_set, images_per_prompt, seed, generation.get("seeds"))
-    variants = {"base": None} if safety_adapter is None else {"base": None, "aligned": safety_adapter}
+    variants = (
+        {"base": None} if safety_adapter is None and method is None else {"base": None, "aligned": safety_adapter}
+    )
     state = process_state()
     lock = FolderLock(output_dir, "safety-dpo evaluate") if state.is_main_process else contextlib.nullcontext()
     with lock:
@@ -165,6 +177,9 @@ def run_evaluation(
             settings = _cache_settings(model, prompt_set, generation, jobs, adapter, safety_scale, torch_dtype)
             if adapter is not None:
                 settings["safety_adapter_sha256"] = adapter_digest
+            sampling = method_settings if variant == "aligned" else None
+            if sampling is not None:
+                settings["method"] = _method_record(sampling, generation)
             threads = None
             if torch.device(device or state.device).type == "cpu":
                 # On a CPU the thread count changes the pixels (the order of float sums): a folder's images are all
@@ -179,7 +194,9 @@ def run_evaluation(
             if missing:
                 pipeline = pipeline or _load_pipeline(model, torch_dtype, device or str(state.device))
                 with _torch_threads(threads):
-                    draw_images(pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress)
+                    draw_images(
+                        pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress, sampling
+                    )
             state.wait_for_everyone()
         if pipeline is not None:
             del pipeline
@@ -204,6 +221,7 @@ def run_evaluation(
             "safety_adapter": None if safety_adapter is None else _name(safety_adapter),
             "safety_adapter_sha256": adapter_digest,
             "safety_scale": safety_scale if safety_adapter is not None else None,
+            "method": None if method_settings is None else _method_record(method_settings, generation),
             "prompts": {
                 "name": prompt_set.name,
                 "source": prompt_set.source,
@@ -271,6 +289,41 @@ def adapter_content_digest(adapter: Any) -> str:
             hasher.update(str(tuple(factor.shape)).encode())
             hasher.update(factor.detach().float().contiguous().cpu().numpy().tobytes())
     return hasher.hexdigest()[:16]
+
+
+def _method_settings(
+    method: str | None,
+    safety_adapter: Any,
+    safety_concept: str | None,
+    is_microworld: bool,
+    targeted_categories: Sequence[str] | None,
+) -> dict[str, str] | None:
+    """The sampling method to draw the aligned variant with and its safety concept, checked before anything is
+    written; None without a method."""
+    if method is None:
+        if safety_concept is not None:
+            raise ValueError("safety_concept is SLD's; it needs method='sld-...'.")
+        return None
+    from safety_dpo.baselines.sld import METHODS, check_safety_concept, default_safety_concept
+
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    if safety_adapter is not None:
+        raise ValueError(
+            f"method={method!r} and safety_adapter={_name(safety_adapter)!r} were both given; the aligned variant is "
+            "drawn with one of them: evaluate them in two runs."
+        )
+    if safety_concept is None:
+        taxonomy = default_world().taxonomy() if is_microworld else None
+        safety_concept = default_safety_concept(taxonomy, targeted_categories if is_microworld else None)
+    return {"name": method, "safety_concept": check_safety_concept(safety_concept)}
+
+
+def _method_record(method: dict[str, str], generation: dict[str, Any]) -> dict[str, Any]:
+    """What the method draws with, as recorded in the image cache and results.json."""
+    from safety_dpo.baselines.sld import method_record
+
+    return method_record(method["name"], method["safety_concept"], generation.get("num_inference_steps"))
 
 
 def _check_pinned_detector_options(protocol: str, detector_options: dict[str, dict[str, Any]]) -> None:
@@ -407,11 +460,22 @@ def draw_images(
     adapter: Any = None,
     safety_scale: float = 1.0,
     progress: bool = True,
+    method: dict[str, str] | None = None,
 ) -> None:
-    """Draw `jobs` into `cache`, `batch_size` at a time, with the adapter fused for the call and removed after it."""
+    """Draw `jobs` into `cache`, `batch_size` at a time, with the adapter fused for the call and removed after it, or
+    with the sampling `method` ({"name": "sld-...", "safety_concept": ...}) instead of `pipeline(...)`."""
     from safety_dpo.data.generation import use_scheduler
     from safety_dpo.pipelines import enable_safety_adapters
 
+    draw = pipeline
+    if method is not None:
+        from functools import partial
+
+        from safety_dpo.baselines.sld import check_sld_pipeline, generate_sld, sld_config
+
+        check_sld_pipeline(pipeline)
+        config = sld_config(method["name"])
+        draw = partial(generate_sld, pipeline, config=config, safety_concept=method["safety_concept"], progress=False)
     if adapter is not None:
         enable_safety_adapters(pipeline).load_safety_adapter(
             adapter, adapter_name="evaluation", scale=safety_scale, fuse=True
@@ -426,7 +490,7 @@ def draw_images(
         with use_scheduler(pipeline, generation.get("scheduler")):
             for batch in _batches(jobs, generation, batch_size):
                 guidance = _guidance(batch[0], generation)
-                images = pipeline(
+                images = draw(
                     prompt=[job.prompt.prompt for job in batch],
                     generator=[torch.Generator("cpu").manual_seed(job.seed) for job in batch],
                     **call,
