@@ -22,6 +22,7 @@ def test_help_lists_only_the_subcommands_that_exist(capsys):
         "export-pickapic",
         "train",
         "merge",
+        "baseline",
         "generate",
         "evaluate",
         "convert-q16",
