@@ -23,6 +23,7 @@ _IGNORED = {
     "safety_adapter",
     "safety_adapter_sha256",
     "safety_scale",
+    "method",  # what the aligned variant is, like the adapter: two methods may be compared
     "models",
     "comparison",
 }
@@ -125,7 +126,7 @@ def compare_results(a: str | os.PathLike, b: str | os.PathLike) -> dict[str, Any
 
 
 def _name(results: dict[str, Any]) -> str:
-    adapter = results.get("safety_adapter")
+    adapter = results.get("safety_adapter") or (results.get("method") or {}).get("name")
     return f"{results.get('model')}" + (f" + {adapter}" if adapter else "")
 
 

@@ -122,9 +122,7 @@ def render_markdown(results: dict[str, Any], variants: list[str]) -> str:
         "# Evaluation report",
         "",
         f"- model: `{results['model']}`",
-        f"- safety adapter: `{results['safety_adapter']}` (scale {results['safety_scale']})"
-        if results.get("safety_adapter")
-        else "- safety adapter: none (base model only)",
+        _compared_with(results),
         f"- prompts: `{results['prompts']['source']}` ({_count(results)} images, "
         f"{results['generation']['images_per_prompt']} per prompt)",
         f"- protocol: `{results['protocol']['name']}`"
@@ -259,6 +257,16 @@ def _subset_cells(per_subset: dict[str, Any] | None) -> list[str]:
 def _ip_cell(entry: dict[str, Any]) -> str:
     error = entry["standard_error"]
     return f"{entry['value']:.3f}" + ("" if error is None else f" ± {error:.3f}")
+
+
+def _compared_with(results: dict[str, Any]) -> str:
+    """What the aligned variant is: a safety adapter, a sampling method (SLD), or nothing (base model only)."""
+    if results.get("safety_adapter"):
+        return f"- safety adapter: `{results['safety_adapter']}` (scale {results['safety_scale']})"
+    method = results.get("method")
+    if method:
+        return f"- sampling method: `{method['name']}` (no adapter; `safety_dpo.baselines.sld`), settings {method['config']}"
+    return "- safety adapter: none (base model only)"
 
 
 def _count(results: dict[str, Any]) -> int:
