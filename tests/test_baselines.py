@@ -130,3 +130,20 @@ def test_baseline_refuses_another_methods_option_and_a_folder_holding_other_file
     assert main(["baseline", "esd-u", "--output-dir", str(tmp_path / "b")]) == 2
     assert "notes.txt" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------------------- reports of an SLD run
+def test_an_sld_runs_report_and_comparison_name_its_method_and_two_presets_compare():
+    from safety_dpo.evaluation.compare import _name, protocol_differences
+    from safety_dpo.evaluation.report import _compared_with
+
+    strong = {
+        "model": "m",
+        "safety_adapter": None,
+        "method": {"name": "sld-strong", "config": {"guidance_scale": 2000}},
+    }
+    maximum = {**strong, "method": {"name": "sld-max", "config": {"guidance_scale": 5000}}}
+    assert "sld-strong" in _compared_with(strong) and "none" not in _compared_with(strong)
+    assert _compared_with({"model": "m", "safety_adapter": None, "method": None}).endswith("none (base model only)")
+    assert _name(strong) == "m + sld-strong"
+    assert protocol_differences(strong, maximum) == ([], [])
