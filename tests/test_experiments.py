@@ -136,3 +136,24 @@ def test_a_rerun_resumes_without_training_again(tmp_path, dataset, monkeypatch):
 
     monkeypatch.setattr(SafetyDPOTrainer, "train", lambda *args, **kwargs: pytest.fail("trained again"))
     assert "| linear |" in load("merging_ablation").main(arguments)
+
+
+def test_the_concept_scaling_makes_the_baselines_from_the_chosen_concepts(tmp_path, dataset):
+    load("concept_scaling").main(
+        ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED, "--shares", "0.25"]
+        + ["--methods", "UCE,ESD-u", "--esd-iterations", "2"]
+    )
+    assert [(row["name"], row["concepts"]) for row in rows_of(tmp_path)] == [("UCE", 4), ("ESD-u", 4)]
+    made = json.loads((tmp_path / "share-0.25" / "uce" / "safety_dpo.json").read_text())
+    assert made["concepts"] == load("concept_scaling").chosen_concepts(["violence", "sexual"], 0.25)
+    assert (
+        json.loads((tmp_path / "share-0.25" / "esd-u" / "safety_dpo.json").read_text())["settings"]["iterations"] == 2
+    )
+
+
+def test_the_baselines_comparison_measures_adapters_and_sld_against_one_base(tmp_path):
+    load("baselines").main(["--output-dir", str(tmp_path), "--methods", "uce,sld-max", "--limit", "1"])
+    rows = rows_of(tmp_path)
+    assert [row["name"] for row in rows] == ["base", "uce", "sld-max"]
+    assert rows[1]["make_seconds"] is not None and rows[2]["make_seconds"] is None  # SLD makes nothing
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"uce", "sld-max"}

@@ -23,9 +23,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from safety_dpo.align import MICROWORLD_MERGE  # noqa: E402
+from safety_dpo.baselines.runner import make_baseline  # noqa: E402
 from safety_dpo.trainer.experts import load_pairs  # noqa: E402
 
 FIDELITY_FLOORS = (0.9, 0.95)
+IP_RATIO_REMOVED = 0.2  # a concept counts as removed when its IP is at most this share of the base model's
+METHODS = ("Co-Merge", "All-single", "ESD-u", "UCE")
+MARKERS = {"Co-Merge": "o", "All-single": "s", "ESD-u": "^", "UCE": "v"}
 COLUMNS = {
     "name": "method",
     "concepts": "concepts removed",
@@ -69,12 +73,29 @@ def main(argv=None) -> str:
     parser.add_argument("--experts-dir", type=Path, help="Experts on all concepts to reuse for share 1.")
     parser.add_argument("--all-single", type=Path, help="An All-single LoRA on all concepts to reuse for share 1.")
     parser.add_argument(
+        "--methods",
+        default="Co-Merge,All-single",
+        help="Comma-separated, among Co-Merge, All-single and the baselines ESD-u and UCE (made by `make_baseline` "
+        "with the papers' settings from the chosen concepts' trained names; UCE preserves the neutral concepts and "
+        "the harmful ones not removed).",
+    )
+    parser.add_argument(
+        "--esd-iterations", type=int, help="ESD-u iterations (default: ESDConfig's, the paper's 1000)."
+    )
+    parser.add_argument(
+        "--baselines-dir", type=Path, help="ESD-u / UCE adapters on all concepts to reuse for share 1."
+    )
+    parser.add_argument(
         "--preserve-kept",
         action="store_true",
         help="Preservation prompts from the whole dataset: every safe prompt and the unsafe prompts of every concept "
         "the LoRA does not remove (default: the trainer's, from the rows it trains on).",
     )
     args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose among {', '.join(METHODS)}.")
     categories = common.categories_of(args)
     out = args.output_dir
     dataset = args.dataset or common.build_data(out / "data", categories, args.pairs_per_concept)
@@ -97,27 +118,46 @@ def main(argv=None) -> str:
         concepts = chosen_concepts(categories, share)
         label = f"share-{share:g}"
         every = share >= 1
-        experts = []
-        for category in categories:
-            mine = [c for c in concepts if c in set(chosen_concepts([category], share))]
-            reuse = args.experts_dir / category if every and args.experts_dir else None
-            experts.append(
-                reuse
-                or common.train_expert(
-                    dataset, out / label / "experts" / category, [category], kept(settings, mine), mine
+        adapters = {}
+        if "Co-Merge" in methods:
+            experts = []
+            for category in categories:
+                mine = [c for c in concepts if c in set(chosen_concepts([category], share))]
+                reuse = args.experts_dir / category if every and args.experts_dir else None
+                experts.append(
+                    reuse
+                    or common.train_expert(
+                        dataset, out / label / "experts" / category, [category], kept(settings, mine), mine
+                    )
                 )
+            adapters["Co-Merge"] = common.merge(
+                experts, out / label / "co_merge", calibration_dataset=str(dataset), **MICROWORLD_MERGE
             )
-        merged = common.merge(experts, out / label / "co_merge", calibration_dataset=str(dataset), **MICROWORLD_MERGE)
-        total = {**settings, "max_steps": settings["max_steps"] * len(categories)}
-        single = (args.all_single if every and args.all_single else None) or common.train_expert(
-            dataset, out / label / "all-single", categories, kept(total, concepts), concepts
-        )
+        if "All-single" in methods:
+            total = {**settings, "max_steps": settings["max_steps"] * len(categories)}
+            adapters["All-single"] = (args.all_single if every and args.all_single else None) or common.train_expert(
+                dataset, out / label / "all-single", categories, kept(total, concepts), concepts
+            )
+        for method in ("ESD-u", "UCE"):
+            if method in methods:
+                folder = method.lower()
+                reuse = args.baselines_dir / folder if every and args.baselines_dir else None
+                options = {"iterations": args.esd_iterations} if method == "ESD-u" and args.esd_iterations else {}
+                adapters[method] = reuse or make_baseline(
+                    folder,
+                    out / label / folder,
+                    categories=categories,
+                    concepts=concepts,
+                    options=options,
+                    progress=False,
+                )
         share_prompts = relabelled(prompts, set(concepts))
         base_dir = out / "eval" / label / "base"
         common.link_base(shared_base, base_dir)
-        for name, adapter in (("Co-Merge", merged), ("All-single", single)):
+        for name, adapter in adapters.items():
             results = common.evaluate(adapter, out / "eval" / label / name, share_prompts, base_dir)
-            rows.append(common.row(name, results, concepts=len(concepts), share=share))
+            base_ip = results["models"]["base"]["ip"]["per_subset"].get("unsafe", {}).get("value")
+            rows.append(common.row(name, results, concepts=len(concepts), share=share, base_ip_removed=base_ip))
     notes = reading(rows)
     plot(rows, out / "scaling.png")
     command = "python examples/microworld/experiments/concept_scaling.py " + " ".join(argv or sys.argv[1:])
@@ -127,10 +167,24 @@ def main(argv=None) -> str:
 
 
 def reading(rows: list[dict]) -> str:
-    """The number of concepts each method removes before neutral fidelity falls under each floor x base."""
+    """The number of concepts each method removes before neutral fidelity falls under each floor x base, and the
+    paper's number: the most concepts removed (IP <= 0.2x base on them) with neutral fidelity >= 0.9x base."""
     lines = []
+    for method in [m for m in METHODS if any(r["name"] == m for r in rows)]:
+        met = [
+            r["concepts"]
+            for r in rows
+            if r["name"] == method
+            and r.get("base_ip_removed")
+            and r["ip_trained"] <= IP_RATIO_REMOVED * r["base_ip_removed"]
+            and r["neutral_fidelity_ratio"] >= 0.9
+        ]
+        answer = f"{max(met)} concepts" if met else "none of the sizes measured"
+        lines.append(
+            f"- {method}: removes (IP <= {IP_RATIO_REMOVED}x base) with neutral fidelity >= 0.9x base: {answer}."
+        )
     for floor in FIDELITY_FLOORS:
-        for method in ("Co-Merge", "All-single"):
+        for method in [m for m in METHODS if any(r["name"] == m for r in rows)]:
             points = sorted((r["concepts"], r["neutral_fidelity_ratio"]) for r in rows if r["name"] == method)
             kept = [count for count, ratio in points if ratio >= floor]
             below = [count for count, ratio in points if ratio < floor]
@@ -155,7 +209,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method, marker in (("Co-Merge", "o"), ("All-single", "s")):
+    for method, marker in MARKERS.items():
+        if not any(r["name"] == method for r in rows):
+            continue
         points = sorted(
             (r["concepts"], r["ip_trained"], r["neutral_fidelity_ratio"]) for r in rows if r["name"] == method
         )
