@@ -143,7 +143,7 @@ def test_the_concept_scaling_makes_the_baselines_from_the_chosen_concepts(tmp_pa
         ["--output-dir", str(tmp_path), "--dataset", str(dataset), *REDUCED, "--shares", "0.25"]
         + ["--methods", "UCE,ESD-u", "--esd-iterations", "2"]
     )
-    assert [(row["name"], row["concepts"]) for row in rows_of(tmp_path)] == [("UCE", 4), ("ESD-u", 4)]
+    assert [(row["name"], row["concepts"]) for row in rows_of(tmp_path)] == [("ESD-u", 4), ("UCE", 4)]
     made = json.loads((tmp_path / "share-0.25" / "uce" / "safety_dpo.json").read_text())
     assert made["concepts"] == load("concept_scaling").chosen_concepts(["violence", "sexual"], 0.25)
     assert (
