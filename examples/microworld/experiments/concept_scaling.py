@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def main(argv=None) -> str:
         help="Comma-separated, among Co-Merge, All-single and the baselines ESD-u and UCE (made by `make_baseline` "
         "with the papers' settings from the chosen concepts' trained names; UCE preserves the neutral concepts and "
         "the harmful ones not removed).",
+    )
+    parser.add_argument(
+        "--with-rows",
+        type=Path,
+        help="The table.json of an earlier run on the same test prompts (e.g. Co-Merge and All-single): its rows join "
+        "this run's table, plot and reading.",
     )
     parser.add_argument(
         "--esd-iterations", type=int, help="ESD-u iterations (default: ESDConfig's, the paper's 1000)."
@@ -158,6 +165,8 @@ def main(argv=None) -> str:
             results = common.evaluate(adapter, out / "eval" / label / name, share_prompts, base_dir)
             base_ip = results["models"]["base"]["ip"]["per_subset"].get("unsafe", {}).get("value")
             rows.append(common.row(name, results, concepts=len(concepts), share=share, base_ip_removed=base_ip))
+    if args.with_rows:
+        rows = json.loads(args.with_rows.read_text())["rows"] + rows
     notes = reading(rows)
     plot(rows, out / "scaling.png")
     command = "python examples/microworld/experiments/concept_scaling.py " + " ".join(argv or sys.argv[1:])
