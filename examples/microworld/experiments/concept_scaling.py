@@ -185,7 +185,8 @@ def reading(rows: list[dict]) -> str:
             for r in rows
             if r["name"] == method
             # rows of runs that did not record the base IP (section 6's): it was 0.998-1.0 on every share
-            and r["ip_trained"] <= IP_RATIO_REMOVED * r.get("base_ip_removed", 1.0)
+            and r["ip_trained"] is not None  # a subset without prompts (a tiny --limit)
+            and r["ip_trained"] <= IP_RATIO_REMOVED * (r.get("base_ip_removed") or 1.0)
             and r["neutral_fidelity_ratio"] >= 0.9
         ]
         answer = f"{max(met)} concepts" if met else "none of the sizes measured"
