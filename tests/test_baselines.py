@@ -147,3 +147,17 @@ def test_an_sld_runs_report_and_comparison_name_its_method_and_two_presets_compa
     assert _compared_with({"model": "m", "safety_adapter": None, "method": None}).endswith("none (base model only)")
     assert _name(strong) == "m + sld-strong"
     assert protocol_differences(strong, maximum) == ([], [])
+
+
+def test_every_baseline_flag_names_a_field_of_its_methods_config():
+    import dataclasses
+
+    from safety_dpo.baselines.esd import ESDConfig
+    from safety_dpo.baselines.uce import UCEConfig
+    from safety_dpo.cli.baseline import _OPTIONS
+
+    fields = {
+        "esd-u": {field.name for field in dataclasses.fields(ESDConfig)},
+        "uce": {field.name for field in dataclasses.fields(UCEConfig)} | {"guide"},  # guide: make_baseline's own
+    }
+    assert all(field in fields[method] for method, field in _OPTIONS.values())
