@@ -25,6 +25,7 @@ def test_help_lists_only_the_subcommands_that_exist(capsys):
         "baseline",
         "generate",
         "evaluate",
+        "attack",
         "convert-q16",
         "align",
     }

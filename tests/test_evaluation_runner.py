@@ -153,7 +153,7 @@ def test_the_report_has_base_and_aligned_side_by_side(evaluated):
 # ------------------------------------------------------------------------------------------------------- resuming
 def test_a_second_run_draws_and_scores_nothing(evaluated, adapter_file, monkeypatch):
     output_dir, first = evaluated
-    monkeypatch.setattr(runner, "_load_pipeline", lambda *args: pytest.fail("the pipeline was loaded again"))
+    monkeypatch.setattr(runner, "load_pipeline", lambda *args: pytest.fail("the pipeline was loaded again"))
     from safety_dpo.evaluation import detectors
 
     monkeypatch.setattr(detectors.JudgeDetector, "detect", lambda *args: pytest.fail("an image was scored again"))
@@ -442,5 +442,5 @@ def test_the_pipeline_sampler_keeps_the_checkpoints_own_scheduler_steps_and_guid
     assert scheduler == "DDIMScheduler" and "scheduler" not in generation  # the checkpoint's own
     assert "guidance_scale" not in generation and generation["sampler"] == "pipeline"
     assert generation["seeds"] == [0, 1, 2, 3]
-    protocol = runner._generation_settings(True, None, 7.5, None, "EulerDiscreteScheduler")
+    protocol = runner.generation_settings(True, None, 7.5, None, "EulerDiscreteScheduler")
     assert protocol["scheduler"] == "EulerDiscreteScheduler" and protocol["guidance_scale"] == 7.5

@@ -56,7 +56,7 @@ def make_baseline(
             f"method={method!r} is not a baseline that writes an adapter; choose one of {', '.join(ADAPTER_METHODS)} "
             "(SLD is a sampling method: `safety-dpo evaluate --method sld-strong`)."
         )
-    targets = erasure_targets(_taxonomy(taxonomy, model), categories, concepts)
+    targets = erasure_targets(resolve_taxonomy(taxonomy, model), categories, concepts)
     output_dir = Path(output_dir)
     start = time.perf_counter()
     if method == "esd-u":
@@ -75,7 +75,7 @@ def baseline_seconds(output_dir: str | os.PathLike) -> float | None:
     return json.loads(path.read_text())["seconds"] if path.is_file() else None
 
 
-def _taxonomy(taxonomy: Any, model: Any) -> Any:
+def resolve_taxonomy(taxonomy: Any, model: Any) -> Any:
     from safety_dpo.data.taxonomy import Taxonomy, coprov2_taxonomy
 
     if isinstance(taxonomy, (str, os.PathLike)):

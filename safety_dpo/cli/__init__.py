@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from safety_dpo import __version__
 from safety_dpo.cli import (
     align,
+    attack,
     baseline,
     build_data,
     convert_q16,
@@ -34,7 +35,19 @@ from safety_dpo.cli.runtime import configure_logging, logger, restore_threads, r
 __all__ = ["build_parser", "main"]
 
 # In the order `safety-dpo --help` lists them.
-SUBCOMMANDS = (env, build_data, export_pickapic, train, merge, baseline, generate, evaluate, convert_q16, align)
+SUBCOMMANDS = (
+    env,
+    build_data,
+    export_pickapic,
+    train,
+    merge,
+    baseline,
+    generate,
+    evaluate,
+    attack,
+    convert_q16,
+    align,
+)
 
 # The subcommands that take every SafetyDPOConfig field as a flag, and the fields they leave out because a flag of
 # their own has that name.

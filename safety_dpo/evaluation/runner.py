@@ -162,7 +162,7 @@ def run_evaluation(
     adapter_digest = None if expert is None else adapter_content_digest(expert)
     # Detectors, CLIP and the feature extractor load now: an unknown name or a missing model fails before drawing.
     scorers = load_scorers(detectors, detector_options, is_microworld, fid_features, clip_model)
-    generation = _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler)
+    generation = generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler)
     jobs = plan_jobs(prompt_set, images_per_prompt, seed, generation.get("seeds"))
     variants = (
         {"base": None} if safety_adapter is None and method is None else {"base": None, "aligned": safety_adapter}
@@ -192,8 +192,8 @@ def run_evaluation(
             mine = jobs[state.process_index :: state.num_processes]
             missing = [job for job in mine if not cache.has(job)]
             if missing:
-                pipeline = pipeline or _load_pipeline(model, torch_dtype, device or str(state.device))
-                with _torch_threads(threads):
+                pipeline = pipeline or load_pipeline(model, torch_dtype, device or str(state.device))
+                with torch_threads(threads):
                     draw_images(
                         pipeline, missing, cache, generation, batch_size, adapter, safety_scale, progress, sampling
                     )
@@ -240,7 +240,7 @@ def run_evaluation(
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None):
+def torch_threads(threads: int | None):
     """Run with `threads` torch threads (None: as they are), then put the count back."""
     previous = torch.get_num_threads()
     if threads is not None and threads != previous:
@@ -352,7 +352,7 @@ def _prompt_set(prompts, is_microworld, limit, categories, split, prompt_column)
     return load_prompt_set(prompts, split=split, prompt_column=prompt_column, limit=limit, categories=categories)
 
 
-def _generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler) -> dict[str, Any]:
+def generation_settings(is_microworld, num_inference_steps, guidance_scale, resolution, scheduler) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     if is_microworld:
         protocol = default_world().load_protocol()
@@ -443,7 +443,7 @@ def _name(adapter: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- drawing
-def _load_pipeline(model: Any, torch_dtype: torch.dtype | None, device: str) -> Any:
+def load_pipeline(model: Any, torch_dtype: torch.dtype | None, device: str) -> Any:
     from safety_dpo.data.generation import load_text_to_image_pipeline
 
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
