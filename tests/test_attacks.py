@@ -214,6 +214,37 @@ def test_run_attack_refuses_a_folder_attacked_otherwise(attacked):
         run_attack("mma", output_dir, **{**FAST, "options": {"steps": 3, "batch_size": 8}})
 
 
+def test_a_transfer_run_draws_another_runs_prompts_on_this_model(attacked, tmp_path, monkeypatch):
+    """The base run's prompts, drawn on the model with a (random) adapter fused: no search, other images."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    from tiny_models import random_unet_lora
+
+    from safety_dpo.attacks.mma import MMAAttack
+
+    source_dir, source = attacked
+    adapter = tmp_path / "pytorch_lora_weights.safetensors"
+    state = random_unet_lora(load_pipeline().unet, 0, 4, ("attn2.to_k", "attn2.to_v"), scale_down=0.3, scale_up=0.3)
+    save_file(state, str(adapter))
+    monkeypatch.setattr(MMAAttack, "attack", lambda *args: pytest.fail("searched again"))
+    output_dir = tmp_path / "t"
+    transferred = run_attack("mma", output_dir, safety_adapter=str(adapter), **FAST, transfer_from=source_dir)
+    assert transferred["attacked"] == str(adapter) and transferred["transfer_from"] == str(source_dir)
+    for mine, theirs in zip(transferred["records"], source["records"], strict=True):
+        assert mine["adversarial_prompt"] == theirs["adversarial_prompt"]
+        assert mine["seconds"] == theirs["seconds"]
+        assert mine["details"]["transferred_from"] == str(source_dir)
+    name = "00000-0-seed0.png"
+    ours, theirs = (
+        torch.tensor(list(Image.open(d / "images" / "attack" / name).getdata())) for d in (output_dir, source_dir)
+    )
+    assert not torch.equal(ours, theirs)  # the adapter is fused
+    with pytest.raises(ValueError, match="not a finished run of the same attack"):
+        run_attack("mma", tmp_path / "u", **{**FAST, "limit": 1}, transfer_from=source_dir)
+    with pytest.raises(FileNotFoundError, match="holds no results.json"):
+        run_attack("mma", tmp_path / "v", **FAST, transfer_from=tmp_path)
+
+
 def test_a_time_limit_leaves_the_rest_for_the_next_run(tmp_path):
     first = run_attack("mma", tmp_path, **{**FAST, "time_limit": 1e-6})
     assert not first["complete"] and first["metrics"]["num_prompts"] == 1  # the limit is checked between prompts

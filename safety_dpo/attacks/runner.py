@@ -76,6 +76,7 @@ def run_attack(
     seed: int = 0,
     search_seeds: Sequence[int] = DEFAULT_SEARCH_SEEDS,
     time_limit: float | None = None,
+    transfer_from: str | os.PathLike | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -101,6 +102,10 @@ def run_attack(
         search_seeds: The seeds an attack may draw with while it searches; they may not be evaluation seeds.
         time_limit: Seconds this call may spend attacking; when spent, it stops after the current prompt (run again
             to go on). None: no limit.
+        transfer_from: Another run's folder (same method, prompts and banned words): its adversarial prompts are
+            drawn and scored on this model instead of searching again (a transfer attack; for the text-encoder
+            attacks, ring-a-bell and mma, exactly what a search on this model would find, since safety adapters and
+            the baselines leave the text encoder as it is). Its search time is reported as the time.
         device: Where to run; None: CUDA when available, else the CPU.
         progress: Show a progress bar.
 
@@ -132,6 +137,7 @@ def run_attack(
 
     adapter_digest = None if adapter is None else adapter_content_digest(load_expert(adapter))
     scorers = load_detectors(detectors, detector_options or {}, is_microworld)
+    source = None if transfer_from is None else _transfer_source(Path(transfer_from), method, targets, words)
     settings = {
         "method": method,
         "config": attack.config.to_dict(),
@@ -139,6 +145,7 @@ def run_attack(
         "attacked": _attacked_name(adapter, sampling),
         "safety_adapter_sha256": adapter_digest,
         "sampling": sampling,
+        "transfer_from": None if transfer_from is None else str(transfer_from),
         "prompts_digest": digest([[target.prompt, target.concept] for target in targets]),
         "banned_words_digest": digest(sorted({word.lower() for word in words})),
         "search_seeds": list(search_seeds),
@@ -165,7 +172,8 @@ def run_attack(
                 context = _context(pipeline, attack, adapter, sampling, words, generation, search_seeds, scorers)
                 bar = tqdm(total=len(targets), initial=len(records), desc=f"attack ({method})", disable=not progress)
                 for target in todo:
-                    records[target.index] = _attack_one(attack, target, context, seeds, output_dir)
+                    found = None if source is None else source[target.index]
+                    records[target.index] = _attack_one(attack, target, context, seeds, output_dir, found)
                     bar.update(1)
                     bar.set_postfix(success=f"{_mean(r['success'] for r in records.values()):.2f}")
                     if time_limit is not None and time.monotonic() - started >= time_limit:
@@ -362,12 +370,58 @@ def _load_records(output_dir: Path, targets: list[AttackTarget]) -> dict[int, di
     return records
 
 
+def _transfer_source(folder: Path, method: str, targets: list[AttackTarget], words: list[str]) -> dict[int, Any]:
+    """index -> (outcome, seconds) of a finished run whose prompts are reused; refuses one that does not match."""
+    path = folder / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"transfer_from={str(folder)!r} holds no {RESULTS_FILE}: run that attack first.")
+    source = json.loads(path.read_text())
+    expected = {
+        "method": method,
+        "prompts_digest": digest([[target.prompt, target.concept] for target in targets]),
+        "banned_words_digest": digest(sorted({word.lower() for word in words})),
+    }
+    differing = differences({key: source.get(key) for key in expected}, expected)
+    if differing or not source.get("complete"):
+        raise ValueError(
+            f"transfer_from={str(folder)!r} is not a finished run of the same attack on the same prompts and banned "
+            "words (" + ("; ".join(differing) or "it is incomplete") + ")."
+        )
+    found = {}
+    for record in source["records"]:
+        embeds = None
+        if record["prompt_embeds"]:
+            from safetensors.torch import load_file
+
+            embeds = load_file(str(folder / "prompts" / record["prompt_embeds"]))["prompt_embeds"]
+        outcome = AttackOutcome(
+            prompt=record["adversarial_prompt"],
+            token_ids=record["token_ids"],
+            prompt_embeds=embeds,
+            loss=record["loss"],
+            steps=record["steps"],
+            queries=record["queries"],
+            stopped=record["stopped"],
+            details={**record["details"], "transferred_from": str(folder)},
+        )
+        found[record["index"]] = (outcome, record["seconds"])
+    return found
+
+
 def _attack_one(
-    attack: Attack, target: AttackTarget, context: AttackContext, seeds: list[int], output_dir: Path
+    attack: Attack,
+    target: AttackTarget,
+    context: AttackContext,
+    seeds: list[int],
+    output_dir: Path,
+    transferred: tuple[AttackOutcome, float] | None = None,
 ) -> dict[str, Any]:
-    start = time.monotonic()
-    outcome: AttackOutcome = attack.attack(target, context)
-    seconds = time.monotonic() - start
+    if transferred is None:
+        start = time.monotonic()
+        outcome: AttackOutcome = attack.attack(target, context)
+        seconds = time.monotonic() - start
+    else:
+        outcome, seconds = transferred
     if outcome.prompt is not None:
         context.vocabulary.check_prompt(outcome.prompt)
     elif outcome.prompt_embeds is None:
