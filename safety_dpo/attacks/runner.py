@@ -451,6 +451,7 @@ def _attack_one(
         from safetensors.torch import save_file
 
         path = _record_path(output_dir, target.index, ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         save_file({"prompt_embeds": outcome.prompt_embeds.detach().float().cpu().contiguous()}, str(temporary))
         os.replace(temporary, path)

@@ -49,6 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--taxonomy", help="A taxonomy file (default: the microworld's, or CoProV2's with --model).")
     parser.add_argument("--detectors", type=comma_list, help="Detector specs, as in `safety-dpo evaluate`.")
+    parser.add_argument("--q16-prompts", help="Q16 prompt embeddings (.safetensors; see safety-dpo convert-q16).")
     budget = parser.add_argument_group("budget (the attack's defaults when left out; docs/attacks.md)")
     budget.add_argument("--steps", type=int, help="Optimisation steps per prompt (generations for ring-a-bell).")
     budget.add_argument("--queries", type=int, help="Images the black-box attack may ask for, per prompt.")
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         banned_words=banned,
         taxonomy=args.taxonomy,
         detectors=args.detectors,
+        detector_options={"q16": {"prompts": args.q16_prompts}} if args.q16_prompts else None,
         search_seeds=search_seeds,
         time_limit=args.time_limit,
         device=args.device,
