@@ -209,7 +209,7 @@ def test_an_i2p_run_draws_with_the_pinned_settings_and_reports_ip_with_clustered
         return scoring.Scorers({"nudenet:i2p": NudeNetDetector("i2p"), "q16": _FakeQ16()})
 
     monkeypatch.setattr(runner, "draw_images", fake_draw)
-    monkeypatch.setattr(runner, "_load_pipeline", lambda *args: object())
+    monkeypatch.setattr(runner, "load_pipeline", lambda *args: object())
     monkeypatch.setattr(scoring, "load_scorers", fake_scorers)
     prompts = PromptSet(
         "i2p",
