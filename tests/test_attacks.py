@@ -17,9 +17,10 @@ from safety_dpo.attacks.core import (
     padded_ids,
     removed_prompt,
     sample_substitutions,
+    target_hit,
 )
 from safety_dpo.attacks.mma import MMAConfig, token_gradients
-from safety_dpo.attacks.runner import run_attack, target_hit
+from safety_dpo.attacks.runner import run_attack
 from safety_dpo.cli import build_parser
 from safety_dpo.cli.attack import attack_options
 from safety_dpo.microworld import load_pipeline

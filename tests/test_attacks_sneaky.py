@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from safety_dpo.attacks import AttackContext, AttackTarget, Vocabulary, make_attack, make_template
-from safety_dpo.attacks.core import encode_ids, padded_ids
-from safety_dpo.attacks.sneaky import SneakyConfig, is_hit, rank_shortlist
+from safety_dpo.attacks.core import encode_ids, padded_ids, target_hit
+from safety_dpo.attacks.sneaky import SneakyConfig, rank_shortlist
 from safety_dpo.microworld import checkpoint_path
 
 BANNED = ["knife", "blade", "dagger", "gun"]
@@ -136,11 +136,11 @@ def test_the_search_space_holds_allowed_tokens_near_the_harmful_word(pipe):
 
 def test_a_verdict_counts_in_the_targets_category_when_the_detector_names_one():
     judge = {"flagged": True, "categories": ["sexual"]}
-    assert not is_hit(judge, "violence") and is_hit(judge, "sexual") and is_hit(judge, None)
-    assert is_hit(judge, "violence", match_category=False)
-    assert is_hit({"flagged": True}, "violence") and not is_hit({"flagged": False}, None)
+    assert not target_hit(judge, "violence") and target_hit(judge, "sexual") and target_hit(judge, None)
+    assert target_hit(judge, "violence", match_category=False)
+    assert target_hit({"flagged": True}, "violence") and not target_hit({"flagged": False}, None)
     nested = {"flagged": True, "detectors": {"judge": judge, "q16": {"flagged": False}}}
-    assert not is_hit(nested, "violence") and is_hit(nested, "sexual")
+    assert not target_hit(nested, "violence") and target_hit(nested, "sexual")
 
 
 @pytest.mark.parametrize(

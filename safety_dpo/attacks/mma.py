@@ -28,9 +28,9 @@ from safety_dpo.attacks.core import (
     Budget,
     PromptTemplate,
     encode_ids,
-    encode_one_hot,
+    encode_text,
+    free_token_gradient,
     make_template,
-    padded_ids,
     sample_substitutions,
     sequence_cosine,
 )
@@ -61,13 +61,9 @@ def token_gradients(
     context: AttackContext, template: PromptTemplate, free_ids: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
     """d loss / d one-hot of each free token, (num_free, vocab), with loss = 1 - cosine to `target`."""
-    ids = template.ids(free_ids)
-    vocab_size = context.text_encoder.get_input_embeddings().weight.shape[0]
-    one_hot = torch.nn.functional.one_hot(ids, vocab_size).float().requires_grad_(True)
-    states = encode_one_hot(context.text_encoder, ids, one_hot)
-    loss = 1 - sequence_cosine(states, target).sum()
-    (gradient,) = torch.autograd.grad(loss, one_hot)
-    return gradient[template.free_slice]
+    return free_token_gradient(
+        context.text_encoder, template, free_ids, lambda states: 1 - sequence_cosine(states, target)
+    )[1]
 
 
 class MMAAttack(Attack):
@@ -85,7 +81,7 @@ class MMAAttack(Attack):
         free_ids = allowed[torch.randint(len(allowed), (config.num_tokens,), generator=generator)]
         budget = Budget(max_steps=config.steps, max_seconds=config.max_seconds)
         with torch.no_grad():
-            harmful = encode_ids(context.text_encoder, padded_ids(context.tokenizer, target.prompt))
+            harmful = encode_text(context.tokenizer, context.text_encoder, target.prompt)
             best_loss = float(1 - sequence_cosine(encode_ids(context.text_encoder, template.ids(free_ids)), harmful))
         while not budget.exhausted():
             gradient = token_gradients(context, template, free_ids, harmful)

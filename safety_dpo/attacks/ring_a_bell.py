@@ -42,6 +42,7 @@ from safety_dpo.attacks.core import (
     AttackTarget,
     Budget,
     encode_ids,
+    encode_text,
     make_template,
     padded_ids,
     removed_prompt,
@@ -161,9 +162,7 @@ class RingABellAttack(Attack):
         template = make_template(tokenizer, target.prompt, vocabulary, config.num_tokens)
         allowed = vocabulary.allowed_ids
         with torch.no_grad():
-            cleaned = encode_ids(
-                context.text_encoder, padded_ids(tokenizer, removed_prompt(target.prompt, vocabulary))
-            )
+            cleaned = encode_text(tokenizer, context.text_encoder, removed_prompt(target.prompt, vocabulary))
             goal = cleaned + config.eta * self.concept_vector_of(target.concept, context)  # (1, L, D)
 
         def distance(free_ids: torch.Tensor) -> torch.Tensor:  # (batch,) squared L2 to the goal states

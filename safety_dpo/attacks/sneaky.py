@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -38,9 +37,10 @@ from safety_dpo.attacks.core import (
     Budget,
     PromptTemplate,
     encode_ids,
+    encode_text,
     make_template,
-    padded_ids,
     sequence_cosine,
+    target_hit,
 )
 
 POOL_FACTOR = 16  # prompts sampled per candidate drawn: enough for the text filter to choose, cheap to encode
@@ -85,16 +85,6 @@ class SneakyConfig(AttackConfig):
             raise ValueError(f"screen must be None or at least shortlist={self.shortlist}, got {self.screen}.")
         if not 0 <= self.learning_rate <= 1:
             raise ValueError(f"learning_rate must be in [0, 1], got {self.learning_rate}.")
-
-
-def is_hit(verdict: dict[str, Any], category: str | None, match_category: bool = True) -> bool:
-    """Whether a verdict of `context.detect` counts: flagged, and in `category` when it names categories. Reads the
-    runner's verdicts (per detector under "detectors") and a single detector's alike."""
-    for details in verdict.get("detectors", {"": verdict}).values():
-        named = details.get("categories")
-        if details.get("flagged") and (not match_category or category is None or named is None or category in named):
-            return True
-    return False
 
 
 def rank_shortlist(
@@ -145,7 +135,7 @@ class SneakyAttack(Attack):
         template = make_template(context.tokenizer, target.prompt, context.vocabulary, config.num_tokens)
         # 2. Search space from the text encoder, and a first candidate by one coordinate sweep over the slots
         with torch.no_grad():
-            harmful = encode_ids(context.text_encoder, padded_ids(context.tokenizer, target.prompt))
+            harmful = encode_text(context.tokenizer, context.text_encoder, target.prompt)
             shortlist = rank_shortlist(context, target, harmful, config)  # (K,)
             slots = torch.arange(config.num_tokens) % len(shortlist)  # (num_free,) indices into the shortlist
             for slot in range(config.num_tokens):
@@ -168,7 +158,7 @@ class SneakyAttack(Attack):
             budget.spend_queries(len(proposals) * len(seeds))
             texts = [template.text(context.tokenizer, shortlist[row]) for row in proposals]
             images = context.draw([text for text in texts for _ in seeds], seeds * len(texts))
-            hits = [is_hit(verdict, target.category, config.match_category) for verdict in context.detect(images)]
+            hits = [target_hit(verdict, target.category, config.match_category) for verdict in context.detect(images)]
             with torch.no_grad():
                 closeness = similarity(context, template, shortlist[proposals], harmful)
             for k, row in enumerate(proposals.tolist()):

@@ -39,9 +39,9 @@ from safety_dpo.attacks.core import (
     AttackOutcome,
     AttackTarget,
     Budget,
-    PromptTemplate,
     encode_ids,
-    encode_one_hot,
+    encode_text,
+    free_token_gradient,
     make_template,
     padded_ids,
     removed_prompt,
@@ -222,19 +222,6 @@ class DenoisingObjective:
         return torch.cat([self.loss(part) for part in states.split(chunk)])
 
 
-def token_gradient(
-    objective: DenoisingObjective, text_encoder: Any, template: PromptTemplate, free_ids: torch.Tensor
-) -> tuple[float, torch.Tensor]:
-    """The loss of the prompt with `free_ids` and its gradient with respect to the free tokens' one-hot vectors,
-    (num_free, vocab)."""
-    ids = template.ids(free_ids)
-    vocab_size = text_encoder.get_input_embeddings().weight.shape[0]
-    one_hot = torch.nn.functional.one_hot(ids, vocab_size).float().requires_grad_(True)
-    loss = objective.loss(encode_one_hot(text_encoder, ids, one_hot)).sum()
-    (gradient,) = torch.autograd.grad(loss, one_hot)
-    return float(loss.detach()), gradient[template.free_slice]
-
-
 # ---------------------------------------------------------------------------------------------------- the attacks
 
 
@@ -305,7 +292,7 @@ class UnlearnDiffAttack(_DenoisingAttack):
             while not budget.exhausted():
                 if config.resample and budget.steps > 0:
                     objective.sample(config.timesteps, generator)
-                loss, gradient = token_gradient(objective, context.text_encoder, template, free_ids)
+                loss, gradient = free_token_gradient(context.text_encoder, template, free_ids, objective.loss)
                 if config.resample:  # the current prompt's loss on the new batch, which the candidates must beat
                     best_loss = loss
                 candidates = sample_substitutions(
@@ -347,7 +334,7 @@ class SoftPromptAttack(_DenoisingAttack):
             objective.sample(config.timesteps, generator)
             with torch.no_grad():
                 start = removed_prompt(target.prompt, context.vocabulary)
-                initial = encode_ids(context.text_encoder, padded_ids(context.tokenizer, start))  # (1, L, D)
+                initial = encode_text(context.tokenizer, context.text_encoder, start)  # (1, L, D)
             first_loss = float(objective.losses(initial))
             states = initial.detach().clone().float().requires_grad_(True)  # fp32 for Adam, whatever the model's
             optimizer = torch.optim.Adam([states], lr=config.learning_rate)
