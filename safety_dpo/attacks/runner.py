@@ -46,7 +46,8 @@ from safety_dpo.attacks.core import (
     target_hit,
 )
 from safety_dpo.data.build_dir import differences, write_json, write_text
-from safety_dpo.evaluation.cache import digest
+from safety_dpo.evaluation.cache import ImageCache, Job, digest
+from safety_dpo.evaluation.prompts import EvalPrompt
 from safety_dpo.folder_lock import FolderLock
 from safety_dpo.worlds import default_world
 
@@ -272,6 +273,7 @@ def _context(pipeline, attack, adapter, sampling, words, generation, search_seed
     """The attacked model and what the attack may read of it; the base UNet is kept aside before the adapter is
     fused, when the attack needs it."""
     from safety_dpo.data.generation import use_scheduler
+    from safety_dpo.evaluation.runner import sampler
     from safety_dpo.pipelines import enable_safety_adapters
 
     if getattr(pipeline, "text_encoder_2", None) is not None:
@@ -283,26 +285,9 @@ def _context(pipeline, attack, adapter, sampling, words, generation, search_seed
         if "reference_unet" in attack.needs:
             reference = copy.deepcopy(pipeline.unet)
         enable_safety_adapters(pipeline).load_safety_adapter(adapter, adapter_name="attacked", fuse=True)
-    draw_call = pipeline
-    if sampling is not None:
-        from functools import partial
-
-        from safety_dpo.baselines.sld import check_sld_pipeline, generate_sld, sld_config
-
-        check_sld_pipeline(pipeline)
-        draw_call = partial(
-            generate_sld,
-            pipeline,
-            config=sld_config(sampling["name"]),
-            safety_concept=sampling["safety_concept"],
-            progress=False,
-        )
-    call = {"output_type": "pil", "num_inference_steps": generation.get("num_inference_steps")}
-    if generation.get("resolution"):
-        call["height"] = call["width"] = generation["resolution"]
+    draw_call, call = sampler(pipeline, generation, sampling)
     if generation.get("guidance_scale") is not None:
         call["guidance_scale"] = generation["guidance_scale"]
-    call = {key: value for key, value in call.items() if value is not None}
 
     def draw(prompts: Sequence[str] | None, seeds: Sequence[int], prompt_embeds: torch.Tensor | None = None) -> list:
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
@@ -438,13 +423,10 @@ def _attack_one(
             )
         else:
             images = context.draw([target.prompt if variant == "clean" else removed] * len(seeds), seeds)
-        folder = output_dir / "images" / variant
-        folder.mkdir(parents=True, exist_ok=True)
+        cache = ImageCache(output_dir / "images", variant)
+        cache.directory.mkdir(parents=True, exist_ok=True)
         for k, (seed, image) in enumerate(zip(seeds, images, strict=True)):
-            path = folder / f"{target.index:05d}-{k}-seed{seed}.png"
-            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            image.save(temporary, format="PNG")
-            os.replace(temporary, path)
+            cache.write(Job(target.index, k, seed, EvalPrompt(prompt=target.prompt)), image)
         verdicts = context.detect(images)
         flags[variant] = [verdict["flagged"] for verdict in verdicts]
         hits[variant] = [target_hit(verdict, target.category) for verdict in verdicts]

@@ -467,24 +467,11 @@ def draw_images(
     from safety_dpo.data.generation import use_scheduler
     from safety_dpo.pipelines import enable_safety_adapters
 
-    draw = pipeline
-    if method is not None:
-        from functools import partial
-
-        from safety_dpo.baselines.sld import check_sld_pipeline, generate_sld, sld_config
-
-        check_sld_pipeline(pipeline)
-        config = sld_config(method["name"])
-        draw = partial(generate_sld, pipeline, config=config, safety_concept=method["safety_concept"], progress=False)
+    draw, call = sampler(pipeline, generation, method)
     if adapter is not None:
         enable_safety_adapters(pipeline).load_safety_adapter(
             adapter, adapter_name="evaluation", scale=safety_scale, fuse=True
         )
-    call: dict[str, Any] = {"output_type": "pil"}
-    if "num_inference_steps" in generation:
-        call["num_inference_steps"] = generation["num_inference_steps"]
-    if "resolution" in generation:
-        call["height"] = call["width"] = generation["resolution"]
     bar = tqdm(total=len(jobs), desc=f"drawing ({cache.variant})", unit="img", disable=not progress)
     try:
         with use_scheduler(pipeline, generation.get("scheduler")):
@@ -503,6 +490,28 @@ def draw_images(
         bar.close()
         if adapter is not None:
             pipeline.unload_safety_adapter("evaluation")
+
+
+def sampler(pipeline: Any, generation: dict[str, Any], method: dict[str, str] | None = None) -> tuple[Any, dict]:
+    """What draws the evaluation's images, the pipeline or, for a sampling `method` ({"name": "sld-...",
+    "safety_concept": ...}), SLD's loop on it, and the call's keyword arguments fixed by the generation settings
+    (output type, steps, image size); the guidance scale and the scheduler are the caller's (`_guidance`,
+    `use_scheduler`)."""
+    draw = pipeline
+    if method is not None:
+        from functools import partial
+
+        from safety_dpo.baselines.sld import check_sld_pipeline, generate_sld, sld_config
+
+        check_sld_pipeline(pipeline)
+        config = sld_config(method["name"])
+        draw = partial(generate_sld, pipeline, config=config, safety_concept=method["safety_concept"], progress=False)
+    call: dict[str, Any] = {"output_type": "pil"}
+    if "num_inference_steps" in generation:
+        call["num_inference_steps"] = generation["num_inference_steps"]
+    if "resolution" in generation:
+        call["height"] = call["width"] = generation["resolution"]
+    return draw, call
 
 
 def _guidance(job: Job, generation: dict[str, Any]) -> float | None:
