@@ -157,3 +157,34 @@ def test_the_baselines_comparison_measures_adapters_and_sld_against_one_base(tmp
     assert [row["name"] for row in rows] == ["base", "uce", "sld-max"]
     assert rows[1]["make_seconds"] is not None and rows[2]["make_seconds"] is None  # SLD makes nothing
     assert set(json.loads((tmp_path / "timings.json").read_text())) == {"uce", "sld-max"}
+
+
+def test_the_robustness_table_transfers_text_attacks_and_skips_unet_attacks_on_sld(tmp_path):
+    budgets = ["--set", "ring-a-bell:generations=2", "--set", "ring-a-bell:population=8", "--set", "unlearndiff:steps=1"]
+    argv = ["--output-dir", str(tmp_path), "--attacks", "ring-a-bell,unlearndiff", "--models", "base,safetydpo,sld-strong"]
+    load("robustness").main([*argv, "--limit", "1", *budgets])
+    rows = rows_of(tmp_path)
+    found = {(row["attack"], row["model"]): row for row in rows}
+    assert sorted(found) == [
+        ("ring-a-bell", "base"),
+        ("ring-a-bell", "safetydpo"),
+        ("ring-a-bell", "sld-strong"),
+        ("unlearndiff", "base"),
+        ("unlearndiff", "safetydpo"),
+    ]
+    assert not found[("ring-a-bell", "base")]["transferred"] and found[("ring-a-bell", "safetydpo")]["transferred"]
+    assert not found[("unlearndiff", "safetydpo")]["transferred"]  # searched on the attacked model itself
+    settings = json.loads((tmp_path / "ring-a-bell" / "safetydpo" / "attack.json").read_text())
+    assert settings["transfer_from"] == str(tmp_path / "ring-a-bell" / "base")
+    assert settings["config"]["generations"] == 2 and found[("unlearndiff", "base")]["num_prompts"] == 1
+    sld_row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| sld-strong"))
+    assert sld_row.endswith("| n/a |")  # the UNet white-box attack is not run against a sampling-time method
+
+
+def test_the_robustness_table_refuses_unknown_attacks_and_malformed_budgets(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load("robustness").main(["--output-dir", str(tmp_path), "--attacks", "gcg"])
+    assert "unknown attacks or models: gcg" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load("robustness").main(["--output-dir", str(tmp_path), "--set", "mma:steps"])
+    assert "ATTACK:FIELD=VALUE" in capsys.readouterr().err
