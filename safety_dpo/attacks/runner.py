@@ -45,7 +45,7 @@ from safety_dpo.attacks.core import (
     removed_prompt,
     target_hit,
 )
-from safety_dpo.data.build_dir import differences, write_json, write_text
+from safety_dpo.data.build_dir import differences, write_json, write_tensors, write_text
 from safety_dpo.evaluation.cache import ImageCache, Job, digest
 from safety_dpo.evaluation.prompts import EvalPrompt
 from safety_dpo.folder_lock import FolderLock
@@ -431,13 +431,9 @@ def _attack_one(
         flags[variant] = [verdict["flagged"] for verdict in verdicts]
         hits[variant] = [target_hit(verdict, target.category) for verdict in verdicts]
     if outcome.prompt_embeds is not None:
-        from safetensors.torch import save_file
-
         path = _record_path(output_dir, target.index, ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file({"prompt_embeds": outcome.prompt_embeds.detach().float().cpu().contiguous()}, str(temporary))
-        os.replace(temporary, path)
+        write_tensors(path, {"prompt_embeds": outcome.prompt_embeds.float()})
     record = {
         "index": target.index,
         "prompt": target.prompt,

@@ -47,6 +47,7 @@ from safety_dpo.attacks.core import (
     removed_prompt,
     sample_substitutions,
 )
+from safety_dpo.baselines.esd import guided_steps
 
 OBJECTIVES = ("p4d", "unlearndiff")
 MAX_UNET_ROWS = 128  # UNet inputs per forward pass when scoring candidates: bounds memory on a full-size model
@@ -171,13 +172,9 @@ def draw_latents(
     scheduler = type(scheduler).from_config(scheduler.config)
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        unconditional, conditional = unet(model_input, t, encoder_hidden_states=conditioning).sample.chunk(2)
-        latents = scheduler.step(
-            unconditional + guidance_scale * (conditional - unconditional), t, latents
-        ).prev_sample
-    return latents
+    return guided_steps(
+        unet, scheduler, latents, scheduler.timesteps, {"encoder_hidden_states": conditioning}, guidance_scale
+    )
 
 
 class DenoisingObjective:

@@ -209,13 +209,23 @@ def sample_until(
     Returns:
         (x_t, t): the latents after `t_enc` steps and the timestep they are at, `scheduler.timesteps[t_enc]`.
     """
-    latents = noise * scheduler.init_noise_sigma
-    both = _batched(empty, concept)
-    for timestep in scheduler.timesteps[:t_enc]:
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
-        uncond, cond = unet(model_input, timestep, **both).sample.chunk(2)
-        latents = scheduler.step(uncond + guidance * (cond - uncond), timestep, latents, eta=0.0).prev_sample
+    timesteps = scheduler.timesteps[:t_enc]
+    latents = guided_steps(
+        unet, scheduler, noise * scheduler.init_noise_sigma, timesteps, _batched(empty, concept), guidance
+    )
     return latents, scheduler.timesteps[t_enc]
+
+
+def guided_steps(
+    unet: Any, scheduler: Any, latents: torch.Tensor, timesteps: Any, conditioning: dict[str, Any], guidance: float
+) -> torch.Tensor:
+    """Run `scheduler`'s steps over `timesteps` from `latents` with classifier-free guidance; `conditioning` holds the
+    UNet's keyword arguments for the batch (empty prompt, prompt). DDIM steps with its default eta 0."""
+    for timestep in timesteps:
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
+        uncond, cond = unet(model_input, timestep, **conditioning).sample.chunk(2)
+        latents = scheduler.step(uncond + guidance * (cond - uncond), timestep, latents).prev_sample
+    return latents
 
 
 def esd_loss(

@@ -150,6 +150,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(temporary, path)
 
 
+def write_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> None:
+    """Write tensors as safetensors atomically (a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(temporary))
+    os.replace(temporary, path)
+
+
 def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The settings that differ between a folder's recorded ones and the current ones, one line each."""
     keys = sorted(set(stored) | set(current))

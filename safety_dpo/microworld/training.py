@@ -6,29 +6,14 @@ optimizer's tensors (and any other tensors) as safetensors and the rest as JSON,
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from safety_dpo.data.build_dir import write_json, write_tensors
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    """Write tensors as safetensors atomically."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()}, str(temporary))
-    os.replace(temporary, path)
+__all__ = ["load_optimizer", "save_optimizer", "write_json", "write_tensors"]
 
 
 def save_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
