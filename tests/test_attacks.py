@@ -318,3 +318,31 @@ def test_the_cli_maps_budget_flags_onto_each_attacks_config():
         attack_options(parse("--method", "mma", "--set", "top_k"))
     with pytest.raises(SystemExit):
         parse("--method", "mma", "--safety-adapter", "a", "--baseline", "b")
+
+
+def test_the_cli_passes_the_banned_words_file_and_the_transfer_source_to_run_attack(tmp_path, monkeypatch, capsys):
+    from safety_dpo.cli.attack import run
+
+    seen = {}
+    metrics = {
+        "ip_attack": 0.5,
+        "asr": 1.0,
+        "ip_clean": 0.75,
+        "ip_removed": 0.0,
+        "num_prompts": 2,
+        "attack_seconds": 3,
+    }
+
+    def fake_run_attack(method, output_dir, **kwargs):
+        seen.update(kwargs, method=method)
+        return {"metrics": metrics, "complete": False, "attacked": "base"}
+
+    monkeypatch.setattr(attack_runner, "run_attack", fake_run_attack)
+    words = tmp_path / "banned.txt"
+    words.write_text("gun\n\n knife \n")
+    run(parse("--method", "mma", "--banned-words", str(words), "--transfer-from", "runs/mma-base", "--limit", "2"))
+    assert seen["method"] == "mma" and seen["banned_words"] == ["gun", "knife"]
+    assert seen["transfer_from"] == "runs/mma-base" and seen["limit"] == 2 and seen["search_seeds"] == [1000, 1001]
+    assert "IP under attack 0.500" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="--banned-words"):
+        run(parse("--method", "mma", "--banned-words", str(tmp_path / "missing.txt")))

@@ -160,8 +160,22 @@ def test_the_baselines_comparison_measures_adapters_and_sld_against_one_base(tmp
 
 
 def test_the_robustness_table_transfers_text_attacks_and_skips_unet_attacks_on_sld(tmp_path):
-    budgets = ["--set", "ring-a-bell:generations=2", "--set", "ring-a-bell:population=8", "--set", "unlearndiff:steps=1"]
-    argv = ["--output-dir", str(tmp_path), "--attacks", "ring-a-bell,unlearndiff", "--models", "base,safetydpo,sld-strong"]
+    budgets = [
+        "--set",
+        "ring-a-bell:generations=2",
+        "--set",
+        "ring-a-bell:population=8",
+        "--set",
+        "unlearndiff:steps=1",
+    ]
+    argv = [
+        "--output-dir",
+        str(tmp_path),
+        "--attacks",
+        "ring-a-bell,unlearndiff",
+        "--models",
+        "base,safetydpo,sld-strong",
+    ]
     load("robustness").main([*argv, "--limit", "1", *budgets])
     rows = rows_of(tmp_path)
     found = {(row["attack"], row["model"]): row for row in rows}
@@ -177,7 +191,9 @@ def test_the_robustness_table_transfers_text_attacks_and_skips_unet_attacks_on_s
     settings = json.loads((tmp_path / "ring-a-bell" / "safetydpo" / "attack.json").read_text())
     assert settings["transfer_from"] == str(tmp_path / "ring-a-bell" / "base")
     assert settings["config"]["generations"] == 2 and found[("unlearndiff", "base")]["num_prompts"] == 1
-    sld_row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| sld-strong"))
+    sld_row = next(
+        line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| sld-strong")
+    )
     assert sld_row.endswith("| n/a |")  # the UNet white-box attack is not run against a sampling-time method
 
 

@@ -69,6 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=comma_list,
         help="Seeds the attack may draw with while searching (default: 1000,1001; never evaluation seeds).",
     )
+    parser.add_argument(
+        "--transfer-from",
+        help="Another run's output folder (same method and prompts): draw its adversarial prompts on this model "
+        "instead of searching (a transfer attack).",
+    )
     parser.add_argument("--device", help="Where to run (default: CUDA when available, else the CPU).")
     parser.set_defaults(handler=run)
     return parser
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         detector_options={"q16": {"prompts": args.q16_prompts}} if args.q16_prompts else None,
         search_seeds=search_seeds,
         time_limit=args.time_limit,
+        transfer_from=args.transfer_from,
         device=args.device,
     )
     metrics = results["metrics"]
