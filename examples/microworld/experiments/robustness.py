@@ -27,11 +27,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-
-from safety_dpo.attacks.runner import run_attack  # noqa: E402
-from safety_dpo.data.build_dir import write_json  # noqa: E402
+from safety_dpo.attacks.runner import run_attack
+from safety_dpo.data.build_dir import write_json
 
 ATTACKS = ("ring-a-bell", "mma", "unlearndiff", "sneaky", "soft-prompt")
 TEXT_ONLY = ("ring-a-bell", "mma")  # read only the text encoder: searched once, drawn on every model
@@ -64,19 +61,18 @@ def main(argv=None) -> str:
                 continue
             transfer = source if attack in TEXT_ONLY and model != "base" else None
             output_dir = args.output_dir / attack / model
-            with common.Timer() as timer:
-                results = run_attack(
-                    attack,
-                    output_dir,
-                    **attacked[model],
-                    options=overrides.get(attack),
-                    limit=args.limit,
-                    transfer_from=transfer,
-                    progress=False,
-                )
+            results = run_attack(
+                attack,
+                output_dir,
+                **attacked[model],
+                options=overrides.get(attack),
+                limit=args.limit,
+                transfer_from=transfer,
+                progress=False,
+            )
             if model == "base":
                 source = output_dir
-            rows.append(_row(attack, model, results, timer.seconds, transfer))
+            rows.append(_row(attack, model, results, _wall_seconds(output_dir), transfer))
             print(f"{attack} on {model}: {json.dumps(_brief(rows[-1]))}", flush=True)
     command = "python examples/microworld/experiments/robustness.py " + " ".join(argv or sys.argv[1:])
     markdown = _write(args.output_dir, command, rows, attacks, models)
@@ -134,6 +130,14 @@ def _row(attack: str, model: str, results: dict, seconds: float, transfer) -> di
     }
 
 
+def _wall_seconds(output_dir: Path) -> float:
+    """From the run's start (attack.json) to its last prompt record: searching, drawing and scoring, without loading
+    the model; a run that was interrupted and resumed counts the pause too. Read from the files, so that a rerun that
+    only assembles the table reports the time of the run that did the work."""
+    records = list((output_dir / "prompts").glob("*.json"))
+    return max(path.stat().st_mtime for path in records) - (output_dir / "attack.json").stat().st_mtime
+
+
 def _budget(config: dict) -> str:
     keys = ("steps", "generations", "population", "max_queries", "num_tokens", "max_seconds")
     return ", ".join(f"{key} {config[key]}" for key in keys if config.get(key) is not None)
@@ -168,6 +172,14 @@ def _write(output_dir: Path, command: str, rows: list[dict], attacks: list[str],
             lines.append(
                 f"| {attack} | {found[0]['budget']} | {_fmt(max(searched), 0)} | {_fmt(min(walls), 0)}-{_fmt(max(walls), 0)} |"
             )
+    categories = sorted({category for row in rows for category in row["per_category"]})
+    lines += ["", "IP under attack per category:", "", "| model | attack | " + " | ".join(categories) + " |"]
+    lines.append("|" + "|".join(" --- " for _ in range(len(categories) + 2)) + "|")
+    for model in models:
+        for attack in attacks:
+            if (model, attack) in cell:
+                found = cell[(model, attack)]["per_category"]
+                lines.append(f"| {model} | {attack} | " + " | ".join(_fmt(found.get(c)) for c in categories) + " |")
     markdown = "\n".join(lines) + "\n"
     (output_dir / "table.md").write_text(markdown, encoding="utf-8")
     write_json(output_dir / "table.json", {"title": "Robustness", "command": command, "rows": rows})
