@@ -220,7 +220,8 @@ def guided_steps(
     unet: Any, scheduler: Any, latents: torch.Tensor, timesteps: Any, conditioning: dict[str, Any], guidance: float
 ) -> torch.Tensor:
     """Run `scheduler`'s steps over `timesteps` from `latents` with classifier-free guidance; `conditioning` holds the
-    UNet's keyword arguments for the batch (empty prompt, prompt). DDIM steps with its default eta 0."""
+    UNet's keyword arguments for the batch (empty prompt, prompt). Each step takes the scheduler's defaults (DDIM's
+    eta 0, as ESD samples)."""
     for timestep in timesteps:
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), timestep)
         uncond, cond = unet(model_input, timestep, **conditioning).sample.chunk(2)
